@@ -1,0 +1,1 @@
+"""Flywheel components: plain, typed Python, one module per pipeline stage."""

@@ -1,0 +1,216 @@
+"""Clean: normalise, scrub PII, filter, deduplicate (exact and near) and decontaminate.
+
+Every removed example is written to `dropped.jsonl` with the filter that removed it, and the
+report counts removals per filter and PII replacements per kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from components.config import CleanConfig
+from components.records import Example, content_hash, save_examples, write_jsonl
+
+_TEXT_FIELDS = ("system", "instruction", "input", "output")
+_INVISIBLE = dict.fromkeys(
+    [c for c in range(0x20) if c not in (0x09, 0x0A)] + [0x7F, 0x200B, 0x200C, 0x200D, 0xFEFF]
+)
+# Filters in the order they run; the report lists removals under these names.
+FILTERS = ("too_short", "low_letter_ratio", "exact_duplicate", "test_overlap",
+           "near_duplicate", "too_long")
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")
+_CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
+_IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
+_PHONE = re.compile(
+    r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)|\d{2,4})[ .-]\d{3,4}[ .-]\d{3,4}\b"
+)
+
+
+@dataclass
+class CleanResult:
+    """The cleaned examples' file, the dropped ones, and what every filter did."""
+
+    examples_path: str
+    dropped_path: str
+    kept: int
+    removed: dict[str, int] = field(default_factory=dict)
+    pii: dict[str, int] = field(default_factory=dict)
+    content_hash: str = ""
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, no control or zero-width characters, tidy whitespace; indentation is kept."""
+    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = text.translate(_INVISIBLE).replace("\t", "    ")
+    lines = [line.rstrip() for line in text.split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def luhn_valid(digits: str) -> bool:
+    """The card-number checksum: avoids scrubbing ordinary long numbers."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def scrub_pii(text: str, counts: Counter[str]) -> str:
+    """Replace emails, card numbers, IP addresses and phone numbers; count each kind."""
+
+    def sub(pattern: re.Pattern[str], kind: str, text: str,
+            accept: Callable[[str], bool] = lambda _: True) -> str:
+        def repl(match: re.Match[str]) -> str:
+            if not accept(match.group(0)):
+                return match.group(0)
+            counts[kind] += 1
+            return f"[{kind.upper()}]"
+
+        return pattern.sub(repl, text)
+
+    text = sub(_EMAIL, "email", text)
+    text = sub(_CARD, "card", text, lambda m: luhn_valid(re.sub(r"\D", "", m)))
+    # Loopback and wildcard addresses appear in instructions ("open 127.0.0.1:4200"), not PII.
+    text = sub(_IPV4, "ip", text, lambda m: not m.startswith(("127.", "0.0.0.0")))
+    return sub(_PHONE, "phone", text, lambda m: len(re.sub(r"\D", "", m)) >= 9)
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+class Decontaminator:
+    """Flags training prompts that overlap the frozen test prompts.
+
+    A prompt is contaminated if it shares a word n-gram with a test prompt, or (for prompts
+    shorter than n words) equals one after normalisation.
+    """
+
+    def __init__(self, test_examples: Iterable[Example], n: int) -> None:
+        self.n = n
+        self.grams: set[tuple[str, ...]] = set()
+        self.short: set[tuple[str, ...]] = set()
+        for example in test_examples:
+            words = _words(example.prompt())
+            self.grams |= ngrams(words, n)
+            self.short.add(tuple(words))
+
+    def __call__(self, example: Example) -> bool:
+        words = _words(example.prompt())
+        if len(words) < self.n:
+            return tuple(words) in self.short
+        return not self.grams.isdisjoint(ngrams(words, self.n))
+
+
+class NearDuplicateIndex:
+    """MinHash LSH over word shingles; `seen_similar` adds the text unless it is a near copy."""
+
+    def __init__(self, threshold: float, num_perm: int, shingle_words: int) -> None:
+        from datasketch import MinHash, MinHashLSH
+
+        self._minhash = MinHash
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.threshold = threshold
+        self.num_perm = num_perm
+        self.shingle_words = shingle_words
+        self.signatures: dict[str, object] = {}
+
+    def _signature(self, text: str):  # -> MinHash
+        words = _words(text)
+        shingles = ngrams(words, self.shingle_words) if len(words) >= self.shingle_words else {
+            tuple(words)
+        }
+        signature = self._minhash(num_perm=self.num_perm)
+        for shingle in shingles:
+            signature.update(" ".join(shingle).encode("utf-8"))
+        return signature
+
+    def seen_similar(self, key: str, text: str) -> bool:
+        signature = self._signature(text)
+        for other in self.lsh.query(signature):
+            if signature.jaccard(self.signatures[other]) >= self.threshold:
+                return True
+        self.lsh.insert(key, signature)
+        self.signatures[key] = signature
+        return False
+
+
+def _full_text(example: Example) -> str:
+    return "\n".join(getattr(example, name) for name in _TEXT_FIELDS)
+
+
+def clean(examples: list[Example], config: CleanConfig, out_dir: Path,
+          test_examples: list[Example], count_tokens: Callable[[Example], int]) -> CleanResult:
+    """Run every filter in order and write `clean.jsonl` and `dropped.jsonl` to `out_dir`."""
+    removed: Counter[str] = Counter()
+    pii: Counter[str] = Counter()
+    dropped: list[dict] = []
+    kept: list[Example] = []
+    seen_exact: set[str] = set()
+    near = NearDuplicateIndex(config.near_dup_threshold, config.minhash_permutations,
+                              config.shingle_words)
+    contaminated = Decontaminator(test_examples, config.decontam_ngram)
+
+    for example in examples:
+        fields = {name: normalize_text(getattr(example, name)) for name in _TEXT_FIELDS}
+        if config.scrub_pii:
+            fields = {name: scrub_pii(value, pii) for name, value in fields.items()}
+        cleaned = replace(example, **fields)
+        reason = _first_failing_filter(cleaned, config, seen_exact, near, contaminated,
+                                       count_tokens)
+        if reason:
+            removed[reason] += 1
+            dropped.append({"filter": reason, **asdict(cleaned)})
+        else:
+            kept.append(cleaned)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    examples_path = out_dir / "clean.jsonl"
+    dropped_path = out_dir / "dropped.jsonl"
+    save_examples(examples_path, kept)
+    write_jsonl(dropped_path, dropped)
+    return CleanResult(
+        examples_path=str(examples_path),
+        dropped_path=str(dropped_path),
+        kept=len(kept),
+        removed={name: removed.get(name, 0) for name in FILTERS},
+        pii={kind: pii.get(kind, 0) for kind in ("email", "phone", "ip", "card")},
+        content_hash=content_hash(kept),
+    )
+
+
+def _first_failing_filter(example: Example, config: CleanConfig, seen_exact: set[str],
+                          near: NearDuplicateIndex, contaminated: Decontaminator,
+                          count_tokens: Callable[[Example], int]) -> str | None:
+    if (len(example.instruction) < config.min_instruction_chars
+            or len(example.output) < config.min_response_chars):
+        return "too_short"
+    text = _full_text(example)
+    letters = sum(ch.isalpha() for ch in text)
+    if letters < config.min_letter_ratio * len(text.replace(" ", "").replace("\n", "")):
+        return "low_letter_ratio"
+    exact_key = hashlib.sha256(" ".join(_words(text)).encode()).hexdigest()
+    if exact_key in seen_exact:
+        return "exact_duplicate"
+    seen_exact.add(exact_key)
+    if contaminated(example):
+        return "test_overlap"
+    if near.seen_similar(exact_key, text):
+        return "near_duplicate"
+    if count_tokens(example) > config.max_tokens:
+        return "too_long"
+    return None

@@ -1,0 +1,176 @@
+"""Typed pipeline configuration, loaded from a run profile (`deployments/profiles/*.yaml`).
+
+One pydantic model per stage, assembled into `PipelineConfig`. Unknown keys are an error, so
+a typo in a profile fails loudly instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from components.paths import REPO_ROOT, resolve_path
+
+PROFILES_DIR = REPO_ROOT / "deployments" / "profiles"
+
+
+class ProfileError(ValueError):
+    """A run profile that cannot be read or does not validate."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+SourceFormat = Literal["auto", "jsonl", "csv", "parquet", "hf_disk", "hf_hub", "feedback"]
+
+
+class SourceConfig(StrictModel):
+    """One input source. `path` is a file or folder, or a hub dataset id for `hf_hub`."""
+
+    path: str
+    format: SourceFormat = "auto"
+    split: str = "train"
+
+
+class DataConfig(StrictModel):
+    sources: list[SourceConfig] = Field(min_length=1)
+    test_path: str = "data/seed/test.jsonl"
+    feedback_dir: str | None = "data/curated"
+    validation_fraction: float = Field(default=0.1, ge=0.0, lt=0.5)
+    max_train_examples: int | None = Field(default=None, gt=0)
+    seed: int = 1234
+
+
+class CleanConfig(StrictModel):
+    scrub_pii: bool = True
+    min_instruction_chars: int = Field(default=3, ge=1)
+    min_response_chars: int = Field(default=2, ge=1)
+    max_tokens: int = Field(default=512, gt=8)
+    min_letter_ratio: float = Field(default=0.5, ge=0.0, le=1.0)
+    near_dup_threshold: float = Field(default=0.9, gt=0.0, le=1.0)
+    minhash_permutations: int = Field(default=128, ge=16)
+    shingle_words: int = Field(default=5, ge=1)
+    decontam_ngram: int = Field(default=10, ge=3)
+
+
+class ModelConfig(StrictModel):
+    """The base model: a built-in name, a Hugging Face model id, or a local folder."""
+
+    base_model: str = "smollm2-135m-instruct"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class LoraSettings(StrictModel):
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+
+
+class QuantizationConfig(StrictModel):
+    """4-bit loading for QLoRA. `compute_dtype: auto` picks it from the device."""
+
+    load_in_4bit: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class TrainConfig(StrictModel):
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = Field(default=-1, ge=-1)
+    batch_size: int = Field(default=8, gt=0)
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_seq_len: int = Field(default=256, gt=8)
+    save_steps: int = Field(default=50, gt=0)
+    save_total_limit: int = Field(default=2, gt=0)
+    logging_steps: int = Field(default=5, gt=0)
+    gradient_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = 1234
+
+
+class EvalConfig(StrictModel):
+    max_new_tokens: int = Field(default=64, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    max_examples: int | None = Field(default=None, gt=0)
+    bootstrap_samples: int = Field(default=1000, ge=100)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    gate_metric: Literal["rouge_l", "bleu", "exact_match", "perplexity"] = "rouge_l"
+    samples_to_log: int = Field(default=20, ge=0)
+
+
+class RegistryConfig(StrictModel):
+    model_name: str = "flywheel-llm"
+    experiment: str = "flywheel"
+    log_merged_weights: bool = False
+
+
+class PipelineConfig(StrictModel):
+    """Everything one training-pipeline run needs, validated as a whole."""
+
+    name: str
+    description: str = ""
+    data: DataConfig
+    clean: CleanConfig = CleanConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    quantization: QuantizationConfig = QuantizationConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+
+def profile_path(profile: str | Path) -> Path:
+    """Map a profile name (`tiny`) or path to the YAML file."""
+    candidate = Path(profile)
+    if candidate.suffix in {".yaml", ".yml"}:
+        return resolve_path(candidate)
+    return PROFILES_DIR / f"{profile}.yaml"
+
+
+def available_profiles() -> list[str]:
+    """Names of the profiles shipped in `deployments/profiles/`."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key (check the spelling; see components/config.py)")
+        else:
+            lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_profile(raw: dict, source: str = "<profile>") -> PipelineConfig:
+    """Validate a profile already read into a dict."""
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ProfileError(f"invalid profile {source}:\n{_describe(exc)}") from None
+
+
+def load_profile(profile: str | Path) -> PipelineConfig:
+    """Read and validate a run profile by name or path."""
+    path = profile_path(profile)
+    if not path.is_file():
+        names = ", ".join(available_profiles())
+        raise ProfileError(f"profile not found: {path} (shipped profiles: {names})")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path} must contain a mapping at the top level")
+    return parse_profile(raw, str(path))

@@ -1,0 +1,58 @@
+"""Split: train and validation from the cleaned pool; the test split is a frozen file."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.config import DataConfig, SourceConfig
+from components.ingest import read_source, to_example
+from components.records import Example, content_hash, save_examples
+
+
+@dataclass
+class SplitResult:
+    train_path: str
+    validation_path: str
+    test_path: str
+    train: int
+    validation: int
+    test: int
+    train_hash: str
+    test_hash: str
+
+
+def load_frozen_test(path: str) -> list[Example]:
+    """Read the frozen test split; any invalid record there is an error, not a quarantine."""
+    return [to_example(raw.value, source=path, origin="test")
+            for raw in read_source(SourceConfig(path=path))]
+
+
+def assign_validation(example: Example, fraction: float, seed: int) -> bool:
+    """Stable per-example assignment, so new data never moves old examples between splits."""
+    bucket = int(example.key()[:8], 16) ^ seed
+    return (bucket % 10_000) < fraction * 10_000
+
+
+def split(examples: list[Example], test: list[Example], config: DataConfig,
+          out_dir: Path) -> SplitResult:
+    """Write train/validation/test JSONL files to `out_dir`."""
+    train = [e for e in examples if not assign_validation(e, config.validation_fraction,
+                                                          config.seed)]
+    validation = [e for e in examples if assign_validation(e, config.validation_fraction,
+                                                           config.seed)]
+    if config.max_train_examples is not None and len(train) > config.max_train_examples:
+        train = random.Random(config.seed).sample(train, config.max_train_examples)
+    if not train:
+        raise ValueError("no training examples left after the split; add data or lower "
+                         "data.validation_fraction")
+    paths = {name: out_dir / f"{name}.jsonl" for name in ("train", "validation", "test")}
+    save_examples(paths["train"], train)
+    save_examples(paths["validation"], validation)
+    save_examples(paths["test"], test)
+    return SplitResult(
+        train_path=str(paths["train"]), validation_path=str(paths["validation"]),
+        test_path=str(paths["test"]), train=len(train), validation=len(validation),
+        test=len(test), train_hash=content_hash(train), test_hash=content_hash(test),
+    )
