@@ -123,7 +123,9 @@ class NearDuplicateIndex:
         from datasketch import MinHash, MinHashLSH
 
         self._minhash = MinHash
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        # Candidates are checked against the estimated Jaccard below, so tune the bands to
+        # miss few true pairs (false negatives) at the cost of more candidates to check.
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
         self.threshold = threshold
         self.num_perm = num_perm
         self.shingle_words = shingle_words

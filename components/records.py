@@ -53,9 +53,14 @@ def save_examples(path: Path, examples: Iterable[Example]) -> int:
     return write_jsonl(path, (asdict(e) for e in examples))
 
 
-def load_examples(path: Path) -> list[Example]:
+def read_jsonl(path: Path) -> list[dict]:
+    """All records of a JSONL file written by `write_jsonl`."""
     with path.open(encoding="utf-8") as fh:
-        return [Example(**json.loads(line)) for line in fh if line.strip()]
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def load_examples(path: Path) -> list[Example]:
+    return [Example(**row) for row in read_jsonl(path)]
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, str]]:

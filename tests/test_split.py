@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from components.config import DataConfig, SourceConfig
+from components.records import Example, load_examples
+from components.split import split
+
+
+def _examples(n: int, prefix: str = "q") -> list[Example]:
+    return [Example(instruction=f"{prefix} {i}?", output=f"answer {i}") for i in range(n)]
+
+
+def test_split_is_stable_when_data_grows(tmp_path: Path) -> None:
+    config = DataConfig(sources=[SourceConfig(path="x.jsonl")], validation_fraction=0.2)
+    test = _examples(5, "test")
+    first = split(_examples(200), test, config, tmp_path / "a")
+    grown = split(_examples(200) + _examples(100, "new"), test, config, tmp_path / "b")
+
+    val_a = {e.instruction for e in load_examples(Path(first.validation_path))}
+    val_b = {e.instruction for e in load_examples(Path(grown.validation_path))}
+    assert val_a and val_a <= val_b  # old examples never move between splits
+    assert 20 <= first.validation <= 60
+    assert first.test == grown.test == 5 and first.test_hash == grown.test_hash
+
+
+def test_max_train_examples_caps_training(tmp_path: Path) -> None:
+    config = DataConfig(sources=[SourceConfig(path="x.jsonl")], max_train_examples=10)
+    result = split(_examples(100), _examples(3, "t"), config, tmp_path)
+    assert result.train == 10
