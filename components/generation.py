@@ -19,7 +19,6 @@ class Generation:
 def load_for_inference(base_path: str, adapter_dir: str | None = None,
                        device: str = "auto") -> tuple[Any, Any]:
     """Base model with the adapter merged in (faster decoding), and a left-padding tokenizer."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = select_device(device)
@@ -34,7 +33,6 @@ def load_for_inference(base_path: str, adapter_dir: str | None = None,
 
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     model.to(device).eval()
-    torch.set_grad_enabled(False)
     return model, tokenizer
 
 
@@ -94,7 +92,8 @@ def answer_log_likelihoods(model: Any, tokenizer: Any, examples: Sequence[Any],
 
         input_ids, attention, labels = (padded("input_ids", pad), padded("attention_mask", 0),
                                         padded("labels", IGNORE_INDEX))
-        logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),

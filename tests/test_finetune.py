@@ -1,0 +1,127 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from components.chat import IGNORE_INDEX, prompt_ids, tokenize_for_training
+from components.records import Example, save_examples
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = [Example(instruction=f"How do I run stage {i}?",
+                    output=f"Run the flow for stage {i} with make train.") for i in range(16)]
+
+
+@pytest.fixture
+def train_file(tmp_path: Path) -> str:
+    path = tmp_path / "train.jsonl"
+    save_examples(path, EXAMPLES)
+    return str(path)
+
+
+def test_only_answer_tokens_carry_loss(tokenizer) -> None:
+    example = EXAMPLES[0]
+    row = tokenize_for_training(tokenizer, example, max_len=512)
+    n_prompt = len(prompt_ids(tokenizer, example))
+    assert all(label == IGNORE_INDEX for label in row["labels"][:n_prompt])
+    answer = [t for t in row["labels"] if t != IGNORE_INDEX]
+    assert tokenizer.decode(answer).strip() == example.output + tokenizer.eos_token
+    assert len(row["labels"]) == len(row["input_ids"])
+
+
+def test_lora_trains_adapters_and_leaves_base_frozen(tmp_path, train_file, tiny_base,
+                                                      tiny_config) -> None:
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from components.finetune import finetune
+
+    base_before = load_file(str(Path(tiny_base.path) / "model.safetensors"))
+    result = finetune(tiny_config, tiny_base, train_file, None, tmp_path / "ft")
+
+    assert result.global_step == tiny_config.train.max_steps
+    assert result.last_loss < result.first_loss  # the loss went down
+    assert Path(result.loss_curve_png).stat().st_size > 1000
+    assert (Path(result.adapter_dir) / "tokenizer_config.json").is_file()
+    assert 0 < result.trainable_parameters < result.total_parameters
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base.path)
+    untouched = {k: v.clone() for k, v in model.state_dict().items()}
+    peft_model = PeftModel.from_pretrained(model, result.adapter_dir)
+    lora_b = [v for k, v in peft_model.state_dict().items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero; it moved
+    for key, value in base_before.items():  # the base weights were not modified
+        assert torch.equal(untouched[key], value)
+    merged = peft_model.merge_and_unload().state_dict()
+    assert any(not torch.equal(merged[k], untouched[k]) for k in untouched if "proj" in k)
+
+
+def test_qlora_path_runs_on_cpu_in_float32(tmp_path, train_file, tiny_base, tiny_config) -> None:
+    from components.finetune import finetune
+
+    config = tiny_config.model_copy(update={
+        "quantization": tiny_config.quantization.model_copy(update={"load_in_4bit": True}),
+        "train": tiny_config.train.model_copy(update={"gradient_checkpointing": True,
+                                                      "max_steps": 3}),
+    })
+    result = finetune(config, tiny_base, train_file, None, tmp_path / "ft4")
+    assert result.compute_dtype == "float32"  # bf16 on this CPU would be ~15x slower
+    assert result.global_step == 3
+    assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+def test_gpu_qlora_profile_trains_in_bf16(tmp_path, train_file) -> None:
+    from components.base_model import resolve_base_model
+    from components.config import load_profile
+    from components.finetune import finetune
+
+    config = load_profile("gpu-qlora")
+    config = config.model_copy(update={
+        "train": config.train.model_copy(update={"max_steps": 4, "batch_size": 4})})
+    result = finetune(config, resolve_base_model(config.model), train_file, None,
+                      tmp_path / "gpu")
+    assert result.device == "cuda" and result.compute_dtype == "bfloat16"
+    assert result.last_loss < result.first_loss
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_last_checkpoint(tmp_path, train_file, tiny_base,
+                                                 tiny_config) -> None:
+    """SIGKILL a real training process after its first checkpoint, then run again."""
+    from components.finetune import finetune
+
+    config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(
+        update={"max_steps": 40, "save_steps": 2, "save_total_limit": 50, "batch_size": 2})})
+    output = tmp_path / "ft"
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from components.base_model import BaseModelRef
+        from components.config import PipelineConfig
+        from components.finetune import finetune
+        config = PipelineConfig.model_validate_json({config.model_dump_json()!r})
+        base = BaseModelRef(**{tiny_base.to_dict()!r})
+        finetune(config, base, {train_file!r}, None, Path({str(output)!r}))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=os.environ.copy())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (output / "checkpoint-4").is_dir():
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in output.glob("checkpoint-*"))
+    assert checkpoints and checkpoints[-1] < 40, "the kill came after training finished"
+
+    result = finetune(config, tiny_base, train_file, None, output)
+    assert result.resumed_from is not None
+    assert int(result.resumed_from.rsplit("-", 1)[1]) >= 4
+    assert result.global_step == 40

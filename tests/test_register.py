@@ -1,0 +1,95 @@
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from components.evaluation import Comparison
+from components.register import (
+    CHALLENGER,
+    CHAMPION,
+    current_champion,
+    decide_promotion,
+    download_version,
+    register_candidate,
+)
+from components.tracking import RunLogger
+
+BETTER = Comparison(metric="rouge_l", reference="base", candidate_value=0.40,
+                    reference_value=0.20, difference=0.20, low=0.12, high=0.28, confidence=0.95)
+WORSE = replace(BETTER, reference="champion", candidate_value=0.18, difference=-0.02,
+                low=-0.06, high=0.01)
+TAGS = {"profile": "tiny", "dataset_hash": "abc", "git_commit": "deadbeef"}
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_base, tiny_config) -> str:
+    from components.finetune import finetune
+    from components.records import Example, save_examples
+
+    folder = tmp_path_factory.mktemp("adapter")
+    save_examples(folder / "train.jsonl", [Example(instruction=f"q{i}", output=f"a{i}")
+                                           for i in range(8)])
+    config = tiny_config.model_copy(update={
+        "train": tiny_config.train.model_copy(update={"max_steps": 2})})
+    return finetune(config, tiny_base, str(folder / "train.jsonl"), None,
+                    folder / "ft").adapter_dir
+
+
+def test_gate_decisions_explain_themselves() -> None:
+    promote = decide_promotion(BETTER)
+    assert promote.promote and "rouge_l" in promote.reason and "+0.1200" in promote.reason
+    keep = decide_promotion(WORSE)
+    assert not keep.promote and "kept the champion" in keep.reason
+
+    perplexity = replace(BETTER, metric="perplexity", difference=-5.0, low=-8.0, high=-2.0)
+    assert decide_promotion(perplexity).promote  # lower is better for perplexity
+
+
+def test_register_promote_then_refuse_a_worse_model(home, adapter_dir, tiny_base) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    name = "flywheel-llm-test"
+    run1 = RunLogger.start("flywheel-test", "first", TAGS)
+    first = register_candidate(run1.run_id, name, adapter_dir, tiny_base, TAGS, BETTER)
+    assert first.version == "1" and first.aliases == [CHALLENGER, CHAMPION]
+    assert first.previous_champion is None
+
+    run2 = RunLogger.start("flywheel-test", "second", TAGS)
+    second = register_candidate(run2.run_id, name, adapter_dir, tiny_base, TAGS, WORSE)
+    assert second.version == "2" and second.aliases == [CHALLENGER]
+    assert not second.gate.promote and second.previous_champion == "1"
+
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"
+    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == "2"
+    v2 = client.get_model_version(name, "2")
+    assert v2.tags["gate.decision"] == "rejected"
+    assert v2.tags["dataset_hash"] == "abc" and v2.tags["git_commit"] == "deadbeef"
+    assert str(current_champion(name).version) == "1"
+    assert mlflow.get_tracking_uri() == f"sqlite:///{home / 'mlflow.db'}"
+
+    base_path, adapter = download_version(name, "1", home / "dl")
+    assert base_path == tiny_base.path
+    assert (Path(adapter) / "adapter_config.json").is_file()
+    assert (Path(adapter) / "tokenizer_config.json").is_file()  # chat template travels along
+
+
+def test_registered_version_loads_as_pyfunc(home, adapter_dir, tiny_base) -> None:
+    import mlflow.pyfunc
+    import pandas as pd
+
+    run = RunLogger.start("flywheel-test", "pyfunc", TAGS)
+    register_candidate(run.run_id, "flywheel-llm-pyfunc", adapter_dir, tiny_base, TAGS, BETTER)
+    model = mlflow.pyfunc.load_model(f"models:/flywheel-llm-pyfunc@{CHAMPION}")
+    answers = model.predict(pd.DataFrame({"prompt": ["What is make test?", "Hi"]}),
+                            params={"max_new_tokens": 4})
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_download_refuses_a_changed_base_model(home, adapter_dir, tiny_base) -> None:
+    tampered = replace(tiny_base, sha256="0" * 64)
+    run = RunLogger.start("flywheel-test", "tampered", TAGS)
+    register_candidate(run.run_id, "flywheel-llm-tamper", adapter_dir, tampered, TAGS, BETTER)
+    with pytest.raises(RuntimeError, match="trained on base weights 000000000000"):
+        download_version("flywheel-llm-tamper", "1", home / "dl")
