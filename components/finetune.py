@@ -65,7 +65,7 @@ def load_base_for_training(base: BaseModelRef, quant: QuantizationConfig, device
 
     dtype = select_compute_dtype(device, quant.compute_dtype)
     if not quant.load_in_4bit:
-        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
         return model.to(device), dtype
     from peft import prepare_model_for_kbit_training
 
@@ -184,7 +184,8 @@ def finetune(config: PipelineConfig, base: BaseModelRef, train_path: str,
     eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
 
     adapter_dir = output_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
+    trained: Any = trainer.model
+    trained.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     history = trainer.state.log_history
     (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))

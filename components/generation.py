@@ -27,7 +27,7 @@ def load_for_inference(base_path: str, adapter_dir: str | None = None,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     if adapter_dir:
         from peft import PeftModel
 

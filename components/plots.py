@@ -14,7 +14,7 @@ def _pyplot():
     return plt
 
 
-def plot_loss_curve(points: list[tuple[int, float]], path: Path, title: str) -> Path:
+def plot_loss_curve(points: list[tuple[float, float]], path: Path, title: str) -> Path:
     """Training loss by step, saved as a PNG."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)

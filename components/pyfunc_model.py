@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow.pyfunc
 from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
 
 
-class FlywheelAdapterModel(mlflow.pyfunc.PythonModel):
+class FlywheelAdapterModel(PythonModel):
     def load_context(self, context):
         from components.base_model import resolve_base_model
         from components.config import ModelConfig

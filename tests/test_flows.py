@@ -77,3 +77,38 @@ def test_training_pipeline_tiny_twice(home, prefect_server) -> None:
     with get_client(sync_client=True) as prefect:
         keys = {a.key for a in prefect.read_artifacts()}
     assert {"data-tiny", "eval-tiny", "gate-flywheel-llm-tiny"} <= keys
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_deployment_runs_on_a_flywheel_worker(home, prefect_server) -> None:
+    """prefect deploy --all, a process worker on `flywheel`, prefect deployment run."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+
+    def prefect(*args: str, timeout: int = 120) -> str:
+        done = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    prefect("work-pool", "create", "flywheel", "--type", "process", "--overwrite")
+    prefect("--no-prompt", "deploy", "--all")
+    listed = prefect("deployment", "ls")
+    for name in ("tiny", "cpu-small", "gpu-qlora"):
+        assert f"training-pipeline/{name}" in listed
+    prefect("deployment", "run", "training-pipeline/tiny")
+    prefect("worker", "start", "--pool", "flywheel", "--run-once", timeout=600)
+
+    with get_client(sync_client=True) as prefect_client:
+        runs = prefect_client.read_flow_runs()
+    states = [r.state.type.value for r in runs if r.deployment_id is not None]
+    assert states == ["COMPLETED"], states
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("flywheel-llm-tiny", "champion")
+    assert champion.tags["profile"] == "tiny"
