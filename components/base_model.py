@@ -164,5 +164,6 @@ def resolve_base_model(config: ModelConfig) -> BaseModelRef:
             f"model.base_model '{name}' is neither a built-in ({', '.join(BUILTIN_MODELS)}), "
             "a local folder, nor a Hugging Face id of the form owner/name"
         )
-    return BaseModelRef(name=name, path=str(folder), revision=config.revision,
-                        sha256=weights_sha256(folder))
+    return BaseModelRef(
+        name=name, path=str(folder), revision=config.revision, sha256=weights_sha256(folder)
+    )

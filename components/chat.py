@@ -16,8 +16,11 @@ def _ids(encoded: Any) -> list[int]:
 
 def prompt_ids(tokenizer: Any, example: Example) -> list[int]:
     """Token ids of the prompt, ending with the assistant header the model answers after."""
-    return _ids(tokenizer.apply_chat_template(example.messages(with_answer=False),
-                                              add_generation_prompt=True, tokenize=True))
+    return _ids(
+        tokenizer.apply_chat_template(
+            example.messages(with_answer=False), add_generation_prompt=True, tokenize=True
+        )
+    )
 
 
 def tokenize_for_training(tokenizer: Any, example: Example, max_len: int) -> dict[str, list[int]]:
@@ -25,11 +28,16 @@ def tokenize_for_training(tokenizer: Any, example: Example, max_len: int) -> dic
     prompt = prompt_ids(tokenizer, example)
     full = _ids(tokenizer.apply_chat_template(example.messages(), tokenize=True))
     if full[: len(prompt)] != prompt:
-        raise ValueError("the chat template renders the prompt differently with an answer; "
-                         "cannot mask the prompt tokens")
-    labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt):]
-    return {"input_ids": full[:max_len], "attention_mask": [1] * min(len(full), max_len),
-            "labels": labels[:max_len]}
+        raise ValueError(
+            "the chat template renders the prompt differently with an answer; "
+            "cannot mask the prompt tokens"
+        )
+    labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt) :]
+    return {
+        "input_ids": full[:max_len],
+        "attention_mask": [1] * min(len(full), max_len),
+        "labels": labels[:max_len],
+    }
 
 
 def chat_token_counter(tokenizer: Any):

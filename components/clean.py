@@ -22,8 +22,14 @@ _INVISIBLE = dict.fromkeys(
     [c for c in range(0x20) if c not in (0x09, 0x0A)] + [0x7F, 0x200B, 0x200C, 0x200D, 0xFEFF]
 )
 # Filters in the order they run; the report lists removals under these names.
-FILTERS = ("too_short", "low_letter_ratio", "exact_duplicate", "test_overlap",
-           "near_duplicate", "too_long")
+FILTERS = (
+    "too_short",
+    "low_letter_ratio",
+    "exact_duplicate",
+    "test_overlap",
+    "near_duplicate",
+    "too_long",
+)
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 _EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")
@@ -68,8 +74,12 @@ def luhn_valid(digits: str) -> bool:
 def scrub_pii(text: str, counts: Counter[str]) -> str:
     """Replace emails, card numbers, IP addresses and phone numbers; count each kind."""
 
-    def sub(pattern: re.Pattern[str], kind: str, text: str,
-            accept: Callable[[str], bool] = lambda _: True) -> str:
+    def sub(
+        pattern: re.Pattern[str],
+        kind: str,
+        text: str,
+        accept: Callable[[str], bool] = lambda _: True,
+    ) -> str:
         def repl(match: re.Match[str]) -> str:
             if not accept(match.group(0)):
                 return match.group(0)
@@ -133,9 +143,11 @@ class NearDuplicateIndex:
 
     def _signature(self, text: str):  # -> MinHash
         words = _words(text)
-        shingles = ngrams(words, self.shingle_words) if len(words) >= self.shingle_words else {
-            tuple(words)
-        }
+        shingles = (
+            ngrams(words, self.shingle_words)
+            if len(words) >= self.shingle_words
+            else {tuple(words)}
+        )
         signature = self._minhash(num_perm=self.num_perm)
         for shingle in shingles:
             signature.update(" ".join(shingle).encode("utf-8"))
@@ -155,16 +167,22 @@ def _full_text(example: Example) -> str:
     return "\n".join(getattr(example, name) for name in _TEXT_FIELDS)
 
 
-def clean(examples: list[Example], config: CleanConfig, out_dir: Path,
-          test_examples: list[Example], count_tokens: Callable[[Example], int]) -> CleanResult:
+def clean(
+    examples: list[Example],
+    config: CleanConfig,
+    out_dir: Path,
+    test_examples: list[Example],
+    count_tokens: Callable[[Example], int],
+) -> CleanResult:
     """Run every filter in order and write `clean.jsonl` and `dropped.jsonl` to `out_dir`."""
     removed: Counter[str] = Counter()
     pii: Counter[str] = Counter()
     dropped: list[dict] = []
     kept: list[Example] = []
     seen_exact: set[str] = set()
-    near = NearDuplicateIndex(config.near_dup_threshold, config.minhash_permutations,
-                              config.shingle_words)
+    near = NearDuplicateIndex(
+        config.near_dup_threshold, config.minhash_permutations, config.shingle_words
+    )
     contaminated = Decontaminator(test_examples, config.decontam_ngram)
 
     for example in examples:
@@ -172,8 +190,9 @@ def clean(examples: list[Example], config: CleanConfig, out_dir: Path,
         if config.scrub_pii:
             fields = {name: scrub_pii(value, pii) for name, value in fields.items()}
         cleaned = replace(example, **fields)
-        reason = _first_failing_filter(cleaned, config, seen_exact, near, contaminated,
-                                       count_tokens)
+        reason = _first_failing_filter(
+            cleaned, config, seen_exact, near, contaminated, count_tokens
+        )
         if reason:
             removed[reason] += 1
             dropped.append({"filter": reason, **asdict(cleaned)})
@@ -195,11 +214,18 @@ def clean(examples: list[Example], config: CleanConfig, out_dir: Path,
     )
 
 
-def _first_failing_filter(example: Example, config: CleanConfig, seen_exact: set[str],
-                          near: NearDuplicateIndex, contaminated: Decontaminator,
-                          count_tokens: Callable[[Example], int]) -> str | None:
-    if (len(example.instruction) < config.min_instruction_chars
-            or len(example.output) < config.min_response_chars):
+def _first_failing_filter(
+    example: Example,
+    config: CleanConfig,
+    seen_exact: set[str],
+    near: NearDuplicateIndex,
+    contaminated: Decontaminator,
+    count_tokens: Callable[[Example], int],
+) -> str | None:
+    if (
+        len(example.instruction) < config.min_instruction_chars
+        or len(example.output) < config.min_response_chars
+    ):
         return "too_short"
     text = _full_text(example)
     letters = sum(ch.isalpha() for ch in text)

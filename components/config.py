@@ -114,6 +114,22 @@ class RegistryConfig(StrictModel):
     log_merged_weights: bool = False
 
 
+class ServeConfig(StrictModel):
+    """How the BentoML service serves the champion."""
+
+    port: int = Field(default=3000, gt=0, lt=65536)
+    batching: bool = True
+    max_batch_size: int = Field(default=16, gt=0)
+    max_latency_ms: int = Field(default=30_000, gt=0)
+    max_concurrency: int = Field(default=64, gt=0)
+    request_timeout_s: int = Field(default=120, gt=0)
+    default_max_new_tokens: int = Field(default=64, gt=0)
+    max_new_tokens_limit: int = Field(default=256, gt=0)
+    max_prompt_chars: int = Field(default=16_000, gt=0)
+    log_prompts: Literal["full", "redacted", "off"] = "full"
+    warmup: bool = True
+
+
 class PipelineConfig(StrictModel):
     """Everything one training-pipeline run needs, validated as a whole."""
 
@@ -127,6 +143,7 @@ class PipelineConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 def profile_path(profile: str | Path) -> Path:

@@ -69,24 +69,29 @@ class EvalResult:
 
 
 def _batched(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def generate_answers(model: Any, tokenizer: Any, examples: list[Example],
-                     config: EvalConfig) -> list[str]:
+def generate_answers(
+    model: Any, tokenizer: Any, examples: list[Example], config: EvalConfig
+) -> list[str]:
     """Greedy answers, batched; prompts sorted by length so batches pad little."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt()))
     answers: dict[int, str] = {}
     for chunk in _batched(order, config.batch_size):
-        outputs = generate_chat(model, tokenizer,
-                                [examples[i].messages(with_answer=False) for i in chunk],
-                                max_new_tokens=config.max_new_tokens)
+        outputs = generate_chat(
+            model,
+            tokenizer,
+            [examples[i].messages(with_answer=False) for i in chunk],
+            max_new_tokens=config.max_new_tokens,
+        )
         answers.update(zip(chunk, (o.text for o in outputs), strict=True))
     return [answers[i] for i in range(len(examples))]
 
 
-def per_example_scores(predictions: list[str], references: list[str],
-                       likelihoods: list[tuple[float, int]]) -> dict[str, np.ndarray]:
+def per_example_scores(
+    predictions: list[str], references: list[str], likelihoods: list[tuple[float, int]]
+) -> dict[str, np.ndarray]:
     """The per-example values each metric's statistic is computed from."""
     kwargs = {"predictions": predictions, "references": references}
     return {
@@ -107,8 +112,9 @@ def metric_statistic(metric: str, values: np.ndarray) -> np.ndarray:
 
     totals = values.sum(axis=-2)
     flat = totals.reshape(-1, totals.shape[-1])
-    scores = [BLEU.compute_bleu(list(t[:4]), list(t[4:8]), int(t[8]), int(t[9])).score
-              for t in flat]
+    scores = [
+        BLEU.compute_bleu(list(t[:4]), list(t[4:8]), int(t[8]), int(t[9])).score for t in flat
+    ]
     return np.asarray(scores).reshape(totals.shape[:-1])
 
 
@@ -122,34 +128,56 @@ def bootstrap_indices(n: int, samples: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(samples, n))
 
 
-def summarize(per_example: dict[str, np.ndarray], indices: np.ndarray,
-              confidence: float) -> dict[str, dict[str, float]]:
+def summarize(
+    per_example: dict[str, np.ndarray], indices: np.ndarray, confidence: float
+) -> dict[str, dict[str, float]]:
     """Each metric's value on the full set and its bootstrap interval."""
     summary = {}
     for metric in METRICS:
         values = per_example[metric]
         low, high = _interval(metric_statistic(metric, values[indices]), confidence)
-        summary[metric] = {"value": float(metric_statistic(metric, values)), "low": low,
-                           "high": high}
+        summary[metric] = {
+            "value": float(metric_statistic(metric, values)),
+            "low": low,
+            "high": high,
+        }
     return summary
 
 
-def compare(candidate: dict[str, np.ndarray], reference: dict[str, np.ndarray],
-            reference_name: str, metric: str, indices: np.ndarray,
-            confidence: float) -> Comparison:
+def compare(
+    candidate: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    reference_name: str,
+    metric: str,
+    indices: np.ndarray,
+    confidence: float,
+) -> Comparison:
     """Paired bootstrap interval of (candidate - reference) on one metric."""
-    diffs = (metric_statistic(metric, candidate[metric][indices])
-             - metric_statistic(metric, reference[metric][indices]))
+    diffs = metric_statistic(metric, candidate[metric][indices]) - metric_statistic(
+        metric, reference[metric][indices]
+    )
     low, high = _interval(diffs, confidence)
     cand = float(metric_statistic(metric, candidate[metric]))
     ref = float(metric_statistic(metric, reference[metric]))
-    return Comparison(metric=metric, reference=reference_name, candidate_value=cand,
-                      reference_value=ref, difference=cand - ref, low=low, high=high,
-                      confidence=confidence)
+    return Comparison(
+        metric=metric,
+        reference=reference_name,
+        candidate_value=cand,
+        reference_value=ref,
+        difference=cand - ref,
+        low=low,
+        high=high,
+        confidence=confidence,
+    )
 
 
-def evaluate_models(models: dict[str, ModelSpec], examples: list[Example], config: EvalConfig,
-                    out_dir: Path, candidate: str = "candidate") -> EvalResult:
+def evaluate_models(
+    models: dict[str, ModelSpec],
+    examples: list[Example],
+    config: EvalConfig,
+    out_dir: Path,
+    candidate: str = "candidate",
+) -> EvalResult:
     """Score every model on `examples`; compare the candidate with the champion, else the base."""
     if config.max_examples is not None:
         examples = examples[: config.max_examples]
@@ -167,25 +195,44 @@ def evaluate_models(models: dict[str, ModelSpec], examples: list[Example], confi
         gc.collect()
 
     indices = bootstrap_indices(len(examples), config.bootstrap_samples)
-    scores = {name: summarize(values, indices, config.confidence)
-              for name, values in per_model.items()}
+    scores = {
+        name: summarize(values, indices, config.confidence) for name, values in per_model.items()
+    }
     reference = "champion" if "champion" in per_model else "base"
-    comparison = compare(per_model[candidate], per_model[reference], reference,
-                         config.gate_metric, indices, config.confidence)
+    comparison = compare(
+        per_model[candidate],
+        per_model[reference],
+        reference,
+        config.gate_metric,
+        indices,
+        config.confidence,
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    samples = [{"prompt": e.prompt(), "reference": e.output,
-                **{name: generations[name][i] for name in generations}}
-               for i, e in enumerate(examples[: config.samples_to_log])]
+    samples = [
+        {
+            "prompt": e.prompt(),
+            "reference": e.output,
+            **{name: generations[name][i] for name in generations},
+        }
+        for i, e in enumerate(examples[: config.samples_to_log])
+    ]
     samples_path = out_dir / "samples.jsonl"
     write_jsonl(samples_path, samples)
     (out_dir / "scores.json").write_text(json.dumps(scores, indent=1))
     plot = plot_metric_comparison(
-        {m: {name: (s[m]["value"], s[m]["low"], s[m]["high"]) for name, s in scores.items()}
-         for m in METRICS},
+        {
+            m: {name: (s[m]["value"], s[m]["low"], s[m]["high"]) for name, s in scores.items()}
+            for m in METRICS
+        },
         out_dir / "metrics.png",
         title=f"Frozen test split, n={len(examples)}, {config.confidence:.0%} bootstrap CI",
     )
-    return EvalResult(n_examples=len(examples), scores=scores, comparison=comparison,
-                      samples_path=str(samples_path), plot_path=str(plot),
-                      generations=generations)
+    return EvalResult(
+        n_examples=len(examples),
+        scores=scores,
+        comparison=comparison,
+        samples_path=str(samples_path),
+        plot_path=str(plot),
+        generations=generations,
+    )

@@ -57,8 +57,9 @@ def load_tokenizer(path: str, padding_side: str = "right") -> Any:
     return tokenizer
 
 
-def load_base_for_training(base: BaseModelRef, quant: QuantizationConfig, device: str,
-                           gradient_checkpointing: bool) -> tuple[Any, Any]:
+def load_base_for_training(
+    base: BaseModelRef, quant: QuantizationConfig, device: str, gradient_checkpointing: bool
+) -> tuple[Any, Any]:
     """Load the base model in full precision, or in 4-bit for QLoRA; returns (model, dtype)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -77,10 +78,12 @@ def load_base_for_training(base: BaseModelRef, quant: QuantizationConfig, device
         bnb_4bit_quant_storage=torch.uint8,
     )
     device_map = {"": 0} if device == "cuda" else {"": device}
-    model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=bnb,
-                                                 device_map=device_map, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        base.path, quantization_config=bnb, device_map=device_map, dtype=dtype
+    )
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=gradient_checkpointing,
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     return model, dtype
@@ -90,8 +93,13 @@ def attach_lora(model: Any, settings: LoraSettings) -> Any:
     """Wrap the model with trainable LoRA adapters; base weights stay frozen."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=settings.target_modules, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
@@ -110,15 +118,23 @@ def _loss_callback(on_log: Any) -> Any:
             # The progress printer formats `logs` in place; log_history keeps the numbers.
             if state.log_history and state.is_world_process_zero:
                 latest = state.log_history[-1]
-                on_log({k: v for k, v in latest.items() if isinstance(v, int | float)
-                        and k != "step"}, state.global_step)
+                on_log(
+                    {k: v for k, v in latest.items() if isinstance(v, int | float) and k != "step"},
+                    state.global_step,
+                )
 
     return ForwardLogs()
 
 
-def finetune(config: PipelineConfig, base: BaseModelRef, train_path: str,
-             validation_path: str | None, output_dir: Path,
-             on_log: Any = None, extra_callbacks: list[Any] | None = None) -> FinetuneResult:
+def finetune(
+    config: PipelineConfig,
+    base: BaseModelRef,
+    train_path: str,
+    validation_path: str | None,
+    output_dir: Path,
+    on_log: Any = None,
+    extra_callbacks: list[Any] | None = None,
+) -> FinetuneResult:
     """Train LoRA adapters and save them (with the tokenizer) to `output_dir/adapter`.
 
     `on_log(metrics, step)` receives the trainer's logs (loss, learning rate, ...) as they come.
@@ -130,8 +146,9 @@ def finetune(config: PipelineConfig, base: BaseModelRef, train_path: str,
     device = select_device(train_cfg.device)
     set_seed(train_cfg.seed)
     tokenizer = load_tokenizer(base.path)
-    model, dtype = load_base_for_training(base, config.quantization, device,
-                                          train_cfg.gradient_checkpointing)
+    model, dtype = load_base_for_training(
+        base, config.quantization, device, train_cfg.gradient_checkpointing
+    )
     model = attach_lora(model, config.lora)
     trainable, total = model.get_nb_trainable_parameters()
 
@@ -173,9 +190,13 @@ def finetune(config: PipelineConfig, base: BaseModelRef, train_path: str,
     if on_log is not None:
         callbacks.append(_loss_callback(on_log))
     trainer = Trainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        processing_class=tokenizer, callbacks=callbacks,
+        processing_class=tokenizer,
+        callbacks=callbacks,
     )
     resume_from = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     started = time.perf_counter()
@@ -190,8 +211,9 @@ def finetune(config: PipelineConfig, base: BaseModelRef, train_path: str,
     history = trainer.state.log_history
     (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    png = plot_loss_curve(losses, output_dir / "loss_curve.png",
-                          title=f"{config.name}: training loss")
+    png = plot_loss_curve(
+        losses, output_dir / "loss_curve.png", title=f"{config.name}: training loss"
+    )
     return FinetuneResult(
         adapter_dir=str(adapter_dir),
         output_dir=str(output_dir),

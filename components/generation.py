@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +16,9 @@ class Generation:
     completion_tokens: int
 
 
-def load_for_inference(base_path: str, adapter_dir: str | None = None,
-                       device: str = "auto") -> tuple[Any, Any]:
+def load_for_inference(
+    base_path: str, adapter_dir: str | None = None, device: str = "auto"
+) -> tuple[Any, Any]:
     """Base model with the adapter merged in (faster decoding), and a left-padding tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -36,44 +37,195 @@ def load_for_inference(base_path: str, adapter_dir: str | None = None,
     return model, tokenizer
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One templated prompt and its own decoding settings."""
+
+    prompt: str
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+
+
 def _truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=len(text))
     return text[:cut]
 
 
-def generate_chat(model: Any, tokenizer: Any, conversations: Sequence[list[dict[str, str]]],
-                  max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                  stop: Sequence[str] = ()) -> list[Generation]:
-    """Generate one answer per conversation in a single batched `generate` call."""
-    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-               for c in conversations]
-    return generate_text(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop)
+def group_requests(
+    requests: Sequence[GenerationRequest], max_ratio: float = 2.0
+) -> list[list[int]]:
+    """Indices grouped so one `generate` call serves each group.
+
+    A group shares sampling settings, and its largest `max_new_tokens` is at most `max_ratio`
+    times its smallest: a 16-token request never waits for a 256-token one in the same call.
+    """
+    order = sorted(
+        range(len(requests)),
+        key=lambda i: (requests[i].temperature, requests[i].top_p, requests[i].max_new_tokens),
+    )
+    groups: list[list[int]] = []
+    for i in order:
+        r = requests[i]
+        if groups:
+            first = requests[groups[-1][0]]
+            if (first.temperature, first.top_p) == (
+                r.temperature,
+                r.top_p,
+            ) and r.max_new_tokens <= max_ratio * first.max_new_tokens:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
-def generate_text(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-                  temperature: float = 0.0, top_p: float = 1.0,
-                  stop: Sequence[str] = ()) -> list[Generation]:
-    """Continue each already-templated prompt; greedy when temperature is 0."""
-    batch = tokenizer(list(prompts), return_tensors="pt", padding=True,
-                      add_special_tokens=False).to(model.device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} \
-        if temperature > 0 else {"do_sample": False}
-    output = model.generate(**batch, max_new_tokens=max_new_tokens,
-                            pad_token_id=tokenizer.pad_token_id, **sampling)
-    new_tokens = output[:, batch["input_ids"].shape[1]:]
+def _row_limits(tokenizer: Any, requests: Sequence[GenerationRequest], prompt_len: int) -> Any:
+    """A stopping criterion that ends each row at its own token limit or stop string."""
+    import torch
+    from transformers import StoppingCriteria
+
+    limits = [r.max_new_tokens for r in requests]
+
+    class RowLimits(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            generated = input_ids.shape[1] - prompt_len
+            done = torch.tensor([generated >= n for n in limits], device=input_ids.device)
+            for row, request in enumerate(requests):
+                if request.stop and not done[row]:
+                    tail = tokenizer.decode(input_ids[row, prompt_len:][-16:])
+                    done[row] = any(s in tail for s in request.stop)
+            return done
+
+    return RowLimits()
+
+
+def generate_requests(
+    model: Any, tokenizer: Any, requests: Sequence[GenerationRequest]
+) -> list[Generation]:
+    """Serve many requests with as few batched `generate` calls as their settings allow."""
+    results: dict[int, Generation] = {}
+    for group in group_requests(requests):
+        batch_requests = [requests[i] for i in group]
+        results.update(zip(group, _generate_group(model, tokenizer, batch_requests), strict=True))
+    return [results[i] for i in range(len(requests))]
+
+
+def _generate_group(
+    model: Any, tokenizer: Any, requests: Sequence[GenerationRequest]
+) -> list[Generation]:
+    from transformers import StoppingCriteriaList
+
+    batch = tokenizer(
+        [r.prompt for r in requests], return_tensors="pt", padding=True, add_special_tokens=False
+    ).to(model.device)
+    first = requests[0]
+    sampling = (
+        {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
+        if first.temperature > 0
+        else {"do_sample": False}
+    )
+    prompt_len = batch["input_ids"].shape[1]
+    output = model.generate(
+        **batch,
+        max_new_tokens=max(r.max_new_tokens for r in requests),
+        pad_token_id=tokenizer.pad_token_id,
+        stopping_criteria=StoppingCriteriaList([_row_limits(tokenizer, requests, prompt_len)]),
+        **sampling,
+    )
     results = []
-    for row, mask in zip(new_tokens, batch["attention_mask"], strict=True):
-        ids = row.tolist()
+    for row, mask, request in zip(
+        output[:, prompt_len:], batch["attention_mask"], requests, strict=True
+    ):
+        ids = row.tolist()[: request.max_new_tokens]
         if tokenizer.eos_token_id in ids:  # everything after the end of turn is padding
             ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        results.append(Generation(text=_truncate_at_stop(text, stop),
-                                  prompt_tokens=int(mask.sum()), completion_tokens=len(ids)))
+        results.append(
+            Generation(
+                text=_truncate_at_stop(text, request.stop),
+                prompt_tokens=int(mask.sum()),
+                completion_tokens=len(ids),
+            )
+        )
     return results
 
 
-def answer_log_likelihoods(model: Any, tokenizer: Any, examples: Sequence[Any],
-                           batch_size: int) -> list[tuple[float, int]]:
+def generate_chat(
+    model: Any,
+    tokenizer: Any,
+    conversations: Sequence[list[dict[str, str]]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] = (),
+) -> list[Generation]:
+    """Generate one answer per conversation with the same settings for all."""
+    return generate_requests(
+        model,
+        tokenizer,
+        [
+            GenerationRequest(
+                prompt=render_chat(tokenizer, c),
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                stop=tuple(stop),
+            )
+            for c in conversations
+        ],
+    )
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The templated prompt text, ending where the assistant's answer starts."""
+    return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+
+def stream_request(model: Any, tokenizer: Any, request: GenerationRequest) -> Iterator[str]:
+    """Yield the answer's text in pieces as it is generated (one request, no batching)."""
+    from threading import Thread
+
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+    batch = tokenizer([request.prompt], return_tensors="pt", add_special_tokens=False).to(
+        model.device
+    )
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = (
+        {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
+        if request.temperature > 0
+        else {"do_sample": False}
+    )
+    limits = _row_limits(tokenizer, [request], batch["input_ids"].shape[1])
+    worker = Thread(
+        target=model.generate,
+        daemon=True,
+        kwargs={
+            **batch,
+            "max_new_tokens": request.max_new_tokens,
+            "streamer": streamer,
+            "pad_token_id": tokenizer.pad_token_id,
+            "stopping_criteria": StoppingCriteriaList([limits]),
+            **sampling,
+        },
+    )
+    worker.start()
+    emitted = ""
+    for piece in streamer:
+        candidate = emitted + piece
+        text = _truncate_at_stop(candidate, request.stop)
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
+            emitted = text
+        if len(text) < len(candidate):  # a stop string appeared: the answer ends here
+            break
+    worker.join()
+
+
+def answer_log_likelihoods(
+    model: Any, tokenizer: Any, examples: Sequence[Any], batch_size: int
+) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, token count) of each reference answer, for perplexity."""
     import torch
 
@@ -81,23 +233,32 @@ def answer_log_likelihoods(model: Any, tokenizer: Any, examples: Sequence[Any],
 
     out: list[tuple[float, int]] = []
     for start in range(0, len(examples), batch_size):
-        rows = [tokenize_for_training(tokenizer, e, max_len=4096)
-                for e in examples[start:start + batch_size]]
+        rows = [
+            tokenize_for_training(tokenizer, e, max_len=4096)
+            for e in examples[start : start + batch_size]
+        ]
         width = max(len(r["input_ids"]) for r in rows)
         pad = tokenizer.pad_token_id
 
         def padded(key: str, fill: int, rows: list = rows, width: int = width) -> Any:
-            return torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows],
-                                device=model.device)
+            return torch.tensor(
+                [r[key] + [fill] * (width - len(r[key])) for r in rows], device=model.device
+            )
 
-        input_ids, attention, labels = (padded("input_ids", pad), padded("attention_mask", 0),
-                                        padded("labels", IGNORE_INDEX))
+        input_ids, attention, labels = (
+            padded("input_ids", pad),
+            padded("attention_mask", 0),
+            padded("labels", IGNORE_INDEX),
+        )
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view(shift_labels.shape)
         counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
         out.extend((float(n), int(c)) for n, c in zip(nll.sum(dim=1), counts, strict=True))
     return out

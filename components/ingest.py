@@ -69,8 +69,9 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
         try:
             yield RawRecord(json.loads(line), location)
         except json.JSONDecodeError as exc:
-            yield RawRecord(InvalidRecord(f"invalid JSON: {exc.msg} at column {exc.colno}"),
-                            location)
+            yield RawRecord(
+                InvalidRecord(f"invalid JSON: {exc.msg} at column {exc.colno}"), location
+            )
 
 
 def _read_csv(path: Path) -> Iterator[RawRecord]:
@@ -190,8 +191,9 @@ def _json_safe(value: Any) -> Any:
         return repr(value)
 
 
-def ingest(sources: list[SourceConfig], out_dir: Path,
-           feedback_dir: str | None = None) -> IngestResult:
+def ingest(
+    sources: list[SourceConfig], out_dir: Path, feedback_dir: str | None = None
+) -> IngestResult:
     """Read all sources into `examples.jsonl`; invalid records go to `quarantine.jsonl`."""
     all_sources = list(sources)
     if feedback_dir and resolve_path(feedback_dir).is_dir():
@@ -210,8 +212,14 @@ def ingest(sources: list[SourceConfig], out_dir: Path,
             except InvalidRecord as exc:
                 counts["quarantined"] += 1
                 reasons[str(exc).split(":")[0]] += 1
-                quarantine.append({"source": source.path, "location": raw.location,
-                                   "reason": str(exc), "record": _json_safe(raw.value)})
+                quarantine.append(
+                    {
+                        "source": source.path,
+                        "location": raw.location,
+                        "reason": str(exc),
+                        "record": _json_safe(raw.value),
+                    }
+                )
     out_dir.mkdir(parents=True, exist_ok=True)
     examples_path = out_dir / "examples.jsonl"
     quarantine_path = out_dir / "quarantine.jsonl"

@@ -28,8 +28,9 @@ class FlywheelAdapterModel(PythonModel):
 
         max_new_tokens = int((params or {}).get("max_new_tokens", 64))
         conversations = [[{"role": "user", "content": p}] for p in model_input["prompt"]]
-        return [g.text for g in generate_chat(self.model, self.tokenizer, conversations,
-                                              max_new_tokens)]
+        return [
+            g.text for g in generate_chat(self.model, self.tokenizer, conversations, max_new_tokens)
+        ]
 
 
 set_model(FlywheelAdapterModel())

@@ -44,8 +44,10 @@ def decide_promotion(comparison: Comparison) -> GateDecision:
     """Promote only if the candidate beats the reference beyond the confidence interval."""
     c = comparison
     interval = f"{c.confidence:.0%} CI of the difference [{c.low:+.4f}, {c.high:+.4f}]"
-    summary = (f"{c.metric}: candidate {c.candidate_value:.4f} vs {c.reference} "
-               f"{c.reference_value:.4f}, {interval}")
+    summary = (
+        f"{c.metric}: candidate {c.candidate_value:.4f} vs {c.reference} "
+        f"{c.reference_value:.4f}, {interval}"
+    )
     if c.candidate_is_better:
         return GateDecision(True, f"promoted: {summary} lies entirely on the better side of 0")
     return GateDecision(False, f"kept the {c.reference}: {summary} includes 0 or is worse")
@@ -66,8 +68,9 @@ def download_version(model_name: str, version: str, dest: Path) -> tuple[str, st
     """Fetch a registered version's adapter; returns (base model folder, adapter folder)."""
     import mlflow
 
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}",
-                                                     dst_path=str(dest)))
+    local = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}", dst_path=str(dest))
+    )
     ref = json.loads((local / "artifacts" / "base_model.json").read_text())
     base = resolve_base_model(ModelConfig(base_model=ref["name"], revision=ref["revision"]))
     if base.sha256 != ref["sha256"]:
@@ -78,8 +81,14 @@ def download_version(model_name: str, version: str, dest: Path) -> tuple[str, st
     return base.path, str(local / "artifacts" / "adapter")
 
 
-def register_candidate(run_id: str, model_name: str, adapter_dir: str, base: BaseModelRef,
-                       tags: dict[str, str], comparison: Comparison) -> RegisterResult:
+def register_candidate(
+    run_id: str,
+    model_name: str,
+    adapter_dir: str,
+    base: BaseModelRef,
+    tags: dict[str, str],
+    comparison: Comparison,
+) -> RegisterResult:
     """Log the adapter as a model, register it as `challenger`, and apply the gate."""
     import mlflow
     from mlflow.models import ModelSignature
@@ -98,9 +107,11 @@ def register_candidate(run_id: str, model_name: str, adapter_dir: str, base: Bas
         )
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                name="model",
+                python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                 artifacts={"adapter": adapter_dir, "base_model": str(ref_path)},
-                signature=signature, code_paths=[str(Path(__file__).parent)],
+                signature=signature,
+                code_paths=[str(Path(__file__).parent)],
                 pip_requirements=["torch", "transformers", "peft", "accelerate"],
             )
     version = mlflow.register_model(info.model_uri, model_name, tags=tags)
@@ -111,11 +122,16 @@ def register_candidate(run_id: str, model_name: str, adapter_dir: str, base: Bas
     if gate.promote:
         client.set_registered_model_alias(model_name, CHAMPION, version.version)
         aliases.append(CHAMPION)
-    for key, value in {"gate.decision": "promoted" if gate.promote else "rejected",
-                       "gate.reason": gate.reason}.items():
+    for key, value in {
+        "gate.decision": "promoted" if gate.promote else "rejected",
+        "gate.reason": gate.reason,
+    }.items():
         client.set_model_version_tag(model_name, version.version, key, value)
     return RegisterResult(
-        model_name=model_name, version=str(version.version),
-        model_uri=f"models:/{model_name}/{version.version}", aliases=aliases, gate=gate,
+        model_name=model_name,
+        version=str(version.version),
+        model_uri=f"models:/{model_name}/{version.version}",
+        aliases=aliases,
+        gate=gate,
         previous_champion=str(previous.version) if previous else None,
     )

@@ -25,8 +25,10 @@ class SplitResult:
 
 def load_frozen_test(path: str) -> list[Example]:
     """Read the frozen test split; any invalid record there is an error, not a quarantine."""
-    return [to_example(raw.value, source=path, origin="test")
-            for raw in read_source(SourceConfig(path=path))]
+    return [
+        to_example(raw.value, source=path, origin="test")
+        for raw in read_source(SourceConfig(path=path))
+    ]
 
 
 def assign_validation(example: Example, fraction: float, seed: int) -> bool:
@@ -35,24 +37,33 @@ def assign_validation(example: Example, fraction: float, seed: int) -> bool:
     return (bucket % 10_000) < fraction * 10_000
 
 
-def split(examples: list[Example], test: list[Example], config: DataConfig,
-          out_dir: Path) -> SplitResult:
+def split(
+    examples: list[Example], test: list[Example], config: DataConfig, out_dir: Path
+) -> SplitResult:
     """Write train/validation/test JSONL files to `out_dir`."""
-    train = [e for e in examples if not assign_validation(e, config.validation_fraction,
-                                                          config.seed)]
-    validation = [e for e in examples if assign_validation(e, config.validation_fraction,
-                                                           config.seed)]
+    train = [
+        e for e in examples if not assign_validation(e, config.validation_fraction, config.seed)
+    ]
+    validation = [
+        e for e in examples if assign_validation(e, config.validation_fraction, config.seed)
+    ]
     if config.max_train_examples is not None and len(train) > config.max_train_examples:
         train = random.Random(config.seed).sample(train, config.max_train_examples)
     if not train:
-        raise ValueError("no training examples left after the split; add data or lower "
-                         "data.validation_fraction")
+        raise ValueError(
+            "no training examples left after the split; add data or lower data.validation_fraction"
+        )
     paths = {name: out_dir / f"{name}.jsonl" for name in ("train", "validation", "test")}
     save_examples(paths["train"], train)
     save_examples(paths["validation"], validation)
     save_examples(paths["test"], test)
     return SplitResult(
-        train_path=str(paths["train"]), validation_path=str(paths["validation"]),
-        test_path=str(paths["test"]), train=len(train), validation=len(validation),
-        test=len(test), train_hash=content_hash(train), test_hash=content_hash(test),
+        train_path=str(paths["train"]),
+        validation_path=str(paths["validation"]),
+        test_path=str(paths["test"]),
+        train=len(train),
+        validation=len(validation),
+        test=len(test),
+        train_hash=content_hash(train),
+        test_hash=content_hash(test),
     )

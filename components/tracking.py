@@ -38,11 +38,21 @@ def ensure_experiment(name: str) -> str:
 def git_commit() -> str:
     """The repository's commit, with `-dirty` if there are uncommitted changes."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO_ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
@@ -71,8 +81,7 @@ class RunLogger:
         from mlflow.tracking import MlflowClient
 
         configure_mlflow()
-        run = MlflowClient().create_run(ensure_experiment(experiment), run_name=run_name,
-                                        tags=tags)
+        run = MlflowClient().create_run(ensure_experiment(experiment), run_name=run_name, tags=tags)
         return cls(run.info.run_id)
 
     def _client(self) -> Any:
@@ -85,7 +94,7 @@ class RunLogger:
 
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for start in range(0, len(items), 100):
-            self._client().log_batch(self.run_id, params=items[start:start + 100])
+            self._client().log_batch(self.run_id, params=items[start : start + 100])
 
     def metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         import time
@@ -93,8 +102,11 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in flatten(metrics).items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)]
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in flatten(metrics).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        ]
         if items:
             self._client().log_batch(self.run_id, metrics=items)
 
@@ -112,8 +124,9 @@ class RunLogger:
         import mlflow
 
         if rows:
-            mlflow.log_table({k: [r.get(k) for r in rows] for k in rows[0]}, name,
-                             run_id=self.run_id)
+            mlflow.log_table(
+                {k: [r.get(k) for r in rows] for k in rows[0]}, name, run_id=self.run_id
+            )
 
     def finish(self, status: str = "FINISHED") -> None:
         self._client().set_terminated(self.run_id, status)

@@ -32,22 +32,33 @@ def ingest_sources(config: PipelineConfig, out_dir: Path) -> IngestResult:
 
 
 @task
-def clean_examples(config: PipelineConfig, ingested: IngestResult, base: BaseModelRef,
-                   out_dir: Path) -> CleanResult:
+def clean_examples(
+    config: PipelineConfig, ingested: IngestResult, base: BaseModelRef, out_dir: Path
+) -> CleanResult:
     count_tokens = chat_token_counter(load_tokenizer(base.path))
-    return clean(load_examples(Path(ingested.examples_path)), config.clean, out_dir,
-                 load_frozen_test(config.data.test_path), count_tokens)
+    return clean(
+        load_examples(Path(ingested.examples_path)),
+        config.clean,
+        out_dir,
+        load_frozen_test(config.data.test_path),
+        count_tokens,
+    )
 
 
 @task
 def split_examples(config: PipelineConfig, cleaned: CleanResult, out_dir: Path) -> SplitResult:
-    return split(load_examples(Path(cleaned.examples_path)),
-                 load_frozen_test(config.data.test_path), config.data, out_dir)
+    return split(
+        load_examples(Path(cleaned.examples_path)),
+        load_frozen_test(config.data.test_path),
+        config.data,
+        out_dir,
+    )
 
 
 @flow(name="data-prep")
-def data_prep(config: PipelineConfig, base: BaseModelRef, out_dir: str,
-              run_id: str) -> PreparedData:
+def data_prep(
+    config: PipelineConfig, base: BaseModelRef, out_dir: str, run_id: str
+) -> PreparedData:
     """Ingest, clean and split; every count goes to MLflow and a Prefect artifact."""
     folder = Path(out_dir)
     ingested = ingest_sources(config, folder)
@@ -55,14 +66,23 @@ def data_prep(config: PipelineConfig, base: BaseModelRef, out_dir: str,
     splits = split_examples(config, cleaned, folder)
 
     run = RunLogger(run_id)
-    run.metrics({"data.ingested": ingested.valid, "data.quarantined": ingested.quarantined,
-                 "data.from_feedback": ingested.from_feedback, "data.kept": cleaned.kept,
-                 "data.train": splits.train, "data.validation": splits.validation,
-                 "data.test": splits.test,
-                 **{f"clean.removed.{k}": v for k, v in cleaned.removed.items()},
-                 **{f"clean.pii.{k}": v for k, v in cleaned.pii.items()}})
-    run.json({"ingest": asdict(ingested), "clean": asdict(cleaned), "split": asdict(splits)},
-             "data/report.json")
+    run.metrics(
+        {
+            "data.ingested": ingested.valid,
+            "data.quarantined": ingested.quarantined,
+            "data.from_feedback": ingested.from_feedback,
+            "data.kept": cleaned.kept,
+            "data.train": splits.train,
+            "data.validation": splits.validation,
+            "data.test": splits.test,
+            **{f"clean.removed.{k}": v for k, v in cleaned.removed.items()},
+            **{f"clean.pii.{k}": v for k, v in cleaned.pii.items()},
+        }
+    )
+    run.json(
+        {"ingest": asdict(ingested), "clean": asdict(cleaned), "split": asdict(splits)},
+        "data/report.json",
+    )
     for path in (ingested.quarantine_path, cleaned.dropped_path):
         run.artifact(path, "data")
     publish_data_report(config.name, ingested, cleaned, splits)

@@ -26,14 +26,21 @@ def fetch_champion(model_name: str, dest: Path) -> ModelSpec | None:
 
 
 @task
-def score_models(models: dict[str, ModelSpec], test_path: str, config: PipelineConfig,
-                 out_dir: Path) -> EvalResult:
+def score_models(
+    models: dict[str, ModelSpec], test_path: str, config: PipelineConfig, out_dir: Path
+) -> EvalResult:
     return evaluate_models(models, load_examples(Path(test_path)), config.eval, out_dir)
 
 
 @flow(name="evaluate")
-def evaluate_stage(config: PipelineConfig, base: BaseModelRef, adapter_dir: str,
-                   test_path: str, out_dir: str, run_id: str) -> EvalResult:
+def evaluate_stage(
+    config: PipelineConfig,
+    base: BaseModelRef,
+    adapter_dir: str,
+    test_path: str,
+    out_dir: str,
+    run_id: str,
+) -> EvalResult:
     """Score base, candidate and (if any) champion; log metrics, plot and sample table."""
     models = {"base": ModelSpec(base.path), "candidate": ModelSpec(base.path, adapter_dir)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,9 +50,14 @@ def evaluate_stage(config: PipelineConfig, base: BaseModelRef, adapter_dir: str,
         result = score_models(models, test_path, config, Path(out_dir))
 
     run = RunLogger(run_id)
-    run.metrics({f"eval.{model}.{metric}{suffix}": s[key]
-                 for model, metrics in result.scores.items() for metric, s in metrics.items()
-                 for key, suffix in (("value", ""), ("low", ".ci_low"), ("high", ".ci_high"))})
+    run.metrics(
+        {
+            f"eval.{model}.{metric}{suffix}": s[key]
+            for model, metrics in result.scores.items()
+            for metric, s in metrics.items()
+            for key, suffix in (("value", ""), ("low", ".ci_low"), ("high", ".ci_high"))
+        }
+    )
     run.json(result.to_dict(), "eval/result.json")
     run.artifact(result.plot_path, "eval")
     run.table(read_jsonl(Path(result.samples_path)), "eval/samples.json")

@@ -13,23 +13,40 @@ from flows.reports import publish_gate_report
 
 
 @task
-def register_version(run_id: str, model_name: str, adapter_dir: str, base: BaseModelRef,
-                     tags: dict[str, str], evaluation: EvalResult) -> RegisterResult:
-    return register_candidate(run_id, model_name, adapter_dir, base, tags,
-                              evaluation.comparison)
+def register_version(
+    run_id: str,
+    model_name: str,
+    adapter_dir: str,
+    base: BaseModelRef,
+    tags: dict[str, str],
+    evaluation: EvalResult,
+) -> RegisterResult:
+    return register_candidate(run_id, model_name, adapter_dir, base, tags, evaluation.comparison)
 
 
 @flow(name="register")
-def register_stage(model_name: str, adapter_dir: str, base: BaseModelRef,
-                   lineage: dict[str, str], evaluation: EvalResult,
-                   run_id: str) -> RegisterResult:
+def register_stage(
+    model_name: str,
+    adapter_dir: str,
+    base: BaseModelRef,
+    lineage: dict[str, str],
+    evaluation: EvalResult,
+    run_id: str,
+) -> RegisterResult:
     """Register the candidate; the gate promotes it to champion only if clearly better."""
-    metric_tags = {f"eval.{metric}": f"{s['value']:.4f}"
-                   for metric, s in evaluation.scores["candidate"].items()}
-    result = register_version(run_id, model_name, adapter_dir, base,
-                              {**lineage, **metric_tags}, evaluation)
-    RunLogger(run_id).tags({"registered_version": result.version,
-                            "gate.decision": "promoted" if result.gate.promote else "rejected",
-                            "gate.reason": result.gate.reason})
+    metric_tags = {
+        f"eval.{metric}": f"{s['value']:.4f}"
+        for metric, s in evaluation.scores["candidate"].items()
+    }
+    result = register_version(
+        run_id, model_name, adapter_dir, base, {**lineage, **metric_tags}, evaluation
+    )
+    RunLogger(run_id).tags(
+        {
+            "registered_version": result.version,
+            "gate.decision": "promoted" if result.gate.promote else "rejected",
+            "gate.reason": result.gate.reason,
+        }
+    )
     publish_gate_report(model_name, result, tracking_uri())
     return result

@@ -32,27 +32,43 @@ def publish_data_report(profile: str, ingest: Any, clean: Any, split: Any) -> No
         *[f"| {kind} | {count} |" for kind, count in clean.pii.items()],
     ]
     if ingest.reasons:
-        lines += ["", "| quarantine reason | records |", "|---|---:|",
-                  *[f"| {r} | {n} |" for r, n in ingest.reasons.items()]]
-    create_markdown_artifact("\n".join(lines), key=f"data-{_slug(profile)}",
-                             description="Ingest and cleaning report")
+        lines += [
+            "",
+            "| quarantine reason | records |",
+            "|---|---:|",
+            *[f"| {r} | {n} |" for r, n in ingest.reasons.items()],
+        ]
+    create_markdown_artifact(
+        "\n".join(lines), key=f"data-{_slug(profile)}", description="Ingest and cleaning report"
+    )
 
 
 def publish_eval_report(profile: str, result: Any) -> None:
-    rows = [{"model": model, "metric": metric, "value": round(s["value"], 4),
-             "ci_low": round(s["low"], 4), "ci_high": round(s["high"], 4)}
-            for model, metrics in result.scores.items() for metric, s in metrics.items()]
-    create_table_artifact(rows, key=f"eval-{_slug(profile)}",
-                          description=f"Frozen test split, n={result.n_examples}")
+    rows = [
+        {
+            "model": model,
+            "metric": metric,
+            "value": round(s["value"], 4),
+            "ci_low": round(s["low"], 4),
+            "ci_high": round(s["high"], 4),
+        }
+        for model, metrics in result.scores.items()
+        for metric, s in metrics.items()
+    ]
+    create_table_artifact(
+        rows, key=f"eval-{_slug(profile)}", description=f"Frozen test split, n={result.n_examples}"
+    )
 
 
 def publish_gate_report(profile: str, registered: Any, mlflow_uri: str) -> None:
     verdict = "promoted to **champion**" if registered.gate.promote else "not promoted"
-    text = "\n".join([
-        f"## {registered.model_name} version {registered.version}: {verdict}",
-        f"- {registered.gate.reason}",
-        f"- aliases: {', '.join(registered.aliases)}; previous champion: "
-        f"{registered.previous_champion or 'none'}",
-        f"- model URI: `{registered.model_uri}` (tracking: `{mlflow_uri}`)",
-    ])
+    text = "\n".join(
+        [
+            f"## {registered.model_name} version {registered.version}: {verdict}",
+            f"- {registered.gate.reason}",
+            f"- aliases: {', '.join(registered.aliases)}; previous champion: "
+            f"{registered.previous_champion or 'none'}",
+            f"- model URI: `{registered.model_uri}` (tracking: `{mlflow_uri}`)",
+        ]
+    )
     create_markdown_artifact(text, key=f"gate-{_slug(profile)}", description="Promotion gate")

@@ -68,36 +68,62 @@ def training_pipeline(profile: str = "tiny", extra_sources: list[str] | None = N
     started = time.perf_counter()
     config = with_extra_sources(load_profile(profile), extra_sources or [])
     base = resolve_base(config)
-    lineage = {"profile": config.name, "base_model": base.name,
-               "base_model_revision": base.revision or "none",
-               "base_model_sha256": base.sha256, "git_commit": git_commit()}
-    run = RunLogger.start(config.registry.experiment,
-                          run_name=f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                          tags=lineage)
+    lineage = {
+        "profile": config.name,
+        "base_model": base.name,
+        "base_model_revision": base.revision or "none",
+        "base_model_sha256": base.sha256,
+        "git_commit": git_commit(),
+    }
+    run = RunLogger.start(
+        config.registry.experiment,
+        run_name=f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags=lineage,
+    )
     try:
         run.params(config.model_dump())
         run.artifact(profile_path(profile), "profile")
         run_dir = flywheel_home() / "runs" / config.name / run.run_id
         data = data_prep(config, base, str(run_dir / "data"), run.run_id)
-        lineage |= {"dataset_hash": data.split.train_hash, "test_hash": data.split.test_hash,
-                    "from_feedback": str(data.ingest.from_feedback),
-                    "mlflow_run_id": run.run_id}
+        lineage |= {
+            "dataset_hash": data.split.train_hash,
+            "test_hash": data.split.test_hash,
+            "from_feedback": str(data.ingest.from_feedback),
+            "mlflow_run_id": run.run_id,
+        }
         run.tags(lineage)
-        trained = finetune_stage(config, base, data.split.train_path,
-                                 data.split.validation_path,
-                                 str(finetune_dir(config, data.split.train_hash)), run.run_id)
-        evaluated = evaluate_stage(config, base, trained.adapter_dir, data.split.test_path,
-                                   str(run_dir / "eval"), run.run_id)
-        registered = register_stage(config.registry.model_name, trained.adapter_dir, base,
-                                    lineage, evaluated, run.run_id)
+        trained = finetune_stage(
+            config,
+            base,
+            data.split.train_path,
+            data.split.validation_path,
+            str(finetune_dir(config, data.split.train_hash)),
+            run.run_id,
+        )
+        evaluated = evaluate_stage(
+            config,
+            base,
+            trained.adapter_dir,
+            data.split.test_path,
+            str(run_dir / "eval"),
+            run.run_id,
+        )
+        registered = register_stage(
+            config.registry.model_name, trained.adapter_dir, base, lineage, evaluated, run.run_id
+        )
     except BaseException:
         run.finish("FAILED")
         raise
     run.finish()
     summary = PipelineSummary(
-        profile=config.name, mlflow_run_id=run.run_id, model_name=registered.model_name,
-        version=registered.version, promoted=registered.gate.promote,
-        reason=registered.gate.reason, scores=evaluated.scores, run_dir=str(run_dir),
+        profile=config.name,
+        mlflow_run_id=run.run_id,
+        model_name=registered.model_name,
+        version=registered.version,
+        promoted=registered.gate.promote,
+        reason=registered.gate.reason,
+        scores=evaluated.scores,
+        run_dir=str(run_dir),
         seconds=round(time.perf_counter() - started, 1),
     )
     print(format_summary(summary))
@@ -106,26 +132,41 @@ def training_pipeline(profile: str = "tiny", extra_sources: list[str] | None = N
 
 def format_summary(summary: PipelineSummary) -> str:
     """What happened and where to look, for the terminal."""
-    lines = [f"\n{summary.model_name} version {summary.version} "
-             f"({'promoted to champion' if summary.promoted else 'challenger only'}) "
-             f"in {summary.seconds:.0f}s", f"  gate: {summary.reason}",
-             "  frozen test split (value [95% CI]):"]
+    lines = [
+        f"\n{summary.model_name} version {summary.version} "
+        f"({'promoted to champion' if summary.promoted else 'challenger only'}) "
+        f"in {summary.seconds:.0f}s",
+        f"  gate: {summary.reason}",
+        "  frozen test split (value [95% CI]):",
+    ]
     for model, metrics in summary.scores.items():
-        cells = ", ".join(f"{m} {s['value']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
-                          for m, s in metrics.items())
+        cells = ", ".join(
+            f"{m} {s['value']:.3f} [{s['low']:.3f}, {s['high']:.3f}]" for m, s in metrics.items()
+        )
         lines.append(f"    {model:<9} {cells}")
-    lines += [f"  MLflow run {summary.mlflow_run_id} in {tracking_uri()}",
-              f"  files: {summary.run_dir}"]
+    lines += [
+        f"  MLflow run {summary.mlflow_run_id} in {tracking_uri()}",
+        f"  files: {summary.run_dir}",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.training_pipeline",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="tiny",
-                        help="profile name (tiny, cpu-small, gpu-qlora) or path to a YAML file")
-    parser.add_argument("--extra-source", action="append", default=[], metavar="PATH",
-                        help="another data source to ingest (repeatable)")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.training_pipeline", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--profile",
+        default="tiny",
+        help="profile name (tiny, cpu-small, gpu-qlora) or path to a YAML file",
+    )
+    parser.add_argument(
+        "--extra-source",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="another data source to ingest (repeatable)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     result: Any = training_pipeline(profile=args.profile, extra_sources=args.extra_source)

@@ -41,8 +41,11 @@ def test_packaged_smollm2_converts_to_an_ordinary_folder_and_answers() -> None:
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
 
     model, tokenizer = load_for_inference(ref.path)
-    answer = generate_chat(model, tokenizer,
-                           [[{"role": "user", "content": "What is the capital of France?"}]],
-                           max_new_tokens=16)[0]
+    answer = generate_chat(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": "What is the capital of France?"}]],
+        max_new_tokens=16,
+    )[0]
     assert "Paris" in answer.text
     assert answer.completion_tokens > 0

@@ -26,13 +26,16 @@ def test_normalize_text() -> None:
     assert normalize_text("code:\n    make test") == "code:\n    make test"
 
 
-@pytest.mark.parametrize(("text", "kind"), [
-    ("write to jane.doe@example.com today", "email"),
-    ("call +1 415 555 0132 now", "phone"),
-    ("call (212) 555-0187 now", "phone"),
-    ("server 10.20.30.40 is down", "ip"),
-    ("card 4111 1111 1111 1111 paid", "card"),
-])
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("write to jane.doe@example.com today", "email"),
+        ("call +1 415 555 0132 now", "phone"),
+        ("call (212) 555-0187 now", "phone"),
+        ("server 10.20.30.40 is down", "ip"),
+        ("card 4111 1111 1111 1111 paid", "card"),
+    ],
+)
 def test_pii_is_scrubbed_and_counted(text: str, kind: str) -> None:
     counts: Counter[str] = Counter()
     scrubbed = scrub_pii(text, counts)
@@ -40,9 +43,14 @@ def test_pii_is_scrubbed_and_counted(text: str, kind: str) -> None:
     assert counts == Counter({kind: 1})
 
 
-@pytest.mark.parametrize("text", [
-    "torch 2.13.0 and fastapi 0.150.0", "open http://127.0.0.1:4200", "seed 1234, 517 MB",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "torch 2.13.0 and fastapi 0.150.0",
+        "open http://127.0.0.1:4200",
+        "seed 1234, 517 MB",
+    ],
+)
 def test_pii_leaves_ordinary_numbers_alone(text: str) -> None:
     counts: Counter[str] = Counter()
     assert scrub_pii(text, counts) == text
@@ -55,8 +63,10 @@ def test_luhn() -> None:
 
 
 def test_decontamination_uses_ngrams_and_short_prompts() -> None:
-    test = [ex("What does the retrain cooldown do in a Flywheel profile when drift is high?"),
-            ex("What is QLoRA?")]
+    test = [
+        ex("What does the retrain cooldown do in a Flywheel profile when drift is high?"),
+        ex("What is QLoRA?"),
+    ]
     flag = Decontaminator(test, n=8)
     assert flag(ex("Tell me: what does the retrain cooldown do in a Flywheel profile?"))
     assert flag(ex("what is  QLoRA?"))
@@ -72,21 +82,32 @@ def test_clean_runs_every_filter_and_reports(tmp_path: Path, tokenizer) -> None:
         ex("Hi there", "== 12.5 / 99.1 :: 0.126 == 44.0 %% 7.7 -> 3.14 ## 2.71"),  # letters
         ex("??", ""),  # too short
         ex("What is QLoRA?", "LoRA adapters on a 4-bit base."),  # overlaps test
-        ex("Explain adaptive batching in the Flywheel service in detail please",
-           "It groups concurrent requests into one generate call, raising throughput on CPU "
-           "several times; the batch sizes appear in /metrics."),
-        ex("Explain adaptive batching in the Flywheel service in detail, thanks!",
-           "It groups concurrent requests into one generate call, raising throughput on CPU "
-           "several times; the batch sizes appear in /metrics."),  # near duplicate
+        ex(
+            "Explain adaptive batching in the Flywheel service in detail please",
+            "It groups concurrent requests into one generate call, raising throughput on CPU "
+            "several times; the batch sizes appear in /metrics.",
+        ),
+        ex(
+            "Explain adaptive batching in the Flywheel service in detail, thanks!",
+            "It groups concurrent requests into one generate call, raising throughput on CPU "
+            "several times; the batch sizes appear in /metrics.",
+        ),  # near duplicate
         ex("Write a long answer", "word " * 400),  # too long
         ex("My email is bob@example.org, why does ingest fail?", "Look at the quarantine file."),
     ]
     config = CleanConfig(max_tokens=200, near_dup_threshold=0.6)
-    result = clean(examples, config, tmp_path, [ex("What is QLoRA?")],
-                   chat_token_counter(tokenizer))
+    result = clean(
+        examples, config, tmp_path, [ex("What is QLoRA?")], chat_token_counter(tokenizer)
+    )
 
-    assert result.removed == {"too_short": 1, "low_letter_ratio": 1, "exact_duplicate": 2,
-                              "test_overlap": 1, "near_duplicate": 1, "too_long": 1}
+    assert result.removed == {
+        "too_short": 1,
+        "low_letter_ratio": 1,
+        "exact_duplicate": 2,
+        "test_overlap": 1,
+        "near_duplicate": 1,
+        "too_long": 1,
+    }
     assert list(result.removed) == list(FILTERS)
     assert result.kept == 3
     assert result.pii["email"] == 1
@@ -107,8 +128,13 @@ def test_seed_data_is_large_enough_and_clean(tmp_path: Path, tokenizer, tiny_con
     assert ingested.quarantined == 0
     test = load_frozen_test(tiny_config.data.test_path)
     assert len(test) >= 100
-    result = clean(load_examples(Path(ingested.examples_path)), tiny_config.clean, tmp_path,
-                   test, chat_token_counter(tokenizer))
+    result = clean(
+        load_examples(Path(ingested.examples_path)),
+        tiny_config.clean,
+        tmp_path,
+        test,
+        chat_token_counter(tokenizer),
+    )
     assert result.kept >= 600
     assert result.removed["test_overlap"] == 0  # the test split was written apart from training
     assert result.pii["email"] >= 1 and result.pii["card"] >= 1

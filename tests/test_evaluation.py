@@ -22,8 +22,10 @@ UNLIKELY = [(40.0, 10)] * 40
 def test_metric_modules_load_offline_from_local_paths() -> None:
     result = load_metric("rouge_l").compute(predictions=["a b c"], references=["a b d"])
     assert result["rouge_l"] == pytest.approx(2 / 3)
-    assert load_metric("exact_match").compute(predictions=[" A  b"],
-                                              references=["a b"])["exact_match"] == 1.0
+    assert (
+        load_metric("exact_match").compute(predictions=[" A  b"], references=["a b"])["exact_match"]
+        == 1.0
+    )
 
 
 def test_bootstrapped_bleu_matches_sacrebleu_corpus_score() -> None:
@@ -31,8 +33,9 @@ def test_bootstrapped_bleu_matches_sacrebleu_corpus_score() -> None:
 
     preds = ["the cat sat on the mat", "make test runs pytest", "hello there"]
     refs = ["the cat sat on a mat", "make test runs the suite", "hello"]
-    stats = np.asarray(load_metric("bleu_stats").compute(predictions=preds,
-                                                         references=refs)["per_example"])
+    stats = np.asarray(
+        load_metric("bleu_stats").compute(predictions=preds, references=refs)["per_example"]
+    )
     expected = sacrebleu.corpus_bleu(preds, [refs]).score
     assert float(metric_statistic("bleu", stats)) == pytest.approx(expected)
 
@@ -67,9 +70,12 @@ def test_evaluate_models_end_to_end_on_tiny_model(tmp_path, tiny_base, tiny_conf
     from components.split import load_frozen_test
 
     examples = load_frozen_test(tiny_config.data.test_path)
-    result = evaluate_models({"base": ModelSpec(tiny_base.path),
-                              "candidate": ModelSpec(tiny_base.path)},
-                             examples, tiny_config.eval, tmp_path)
+    result = evaluate_models(
+        {"base": ModelSpec(tiny_base.path), "candidate": ModelSpec(tiny_base.path)},
+        examples,
+        tiny_config.eval,
+        tmp_path,
+    )
     assert result.n_examples == tiny_config.eval.max_examples
     assert set(result.scores) == {"base", "candidate"}
     assert result.scores["base"] == result.scores["candidate"]  # same weights, same answers

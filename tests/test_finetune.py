@@ -12,8 +12,13 @@ from components.chat import IGNORE_INDEX, prompt_ids, tokenize_for_training
 from components.records import Example, save_examples
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = [Example(instruction=f"How do I run stage {i}?",
-                    output=f"Run the flow for stage {i} with make train.") for i in range(16)]
+EXAMPLES = [
+    Example(
+        instruction=f"How do I run stage {i}?",
+        output=f"Run the flow for stage {i} with make train.",
+    )
+    for i in range(16)
+]
 
 
 @pytest.fixture
@@ -33,8 +38,9 @@ def test_only_answer_tokens_carry_loss(tokenizer) -> None:
     assert len(row["labels"]) == len(row["input_ids"])
 
 
-def test_lora_trains_adapters_and_leaves_base_frozen(tmp_path, train_file, tiny_base,
-                                                      tiny_config) -> None:
+def test_lora_trains_adapters_and_leaves_base_frozen(
+    tmp_path, train_file, tiny_base, tiny_config
+) -> None:
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -65,11 +71,14 @@ def test_lora_trains_adapters_and_leaves_base_frozen(tmp_path, train_file, tiny_
 def test_qlora_path_runs_on_cpu_in_float32(tmp_path, train_file, tiny_base, tiny_config) -> None:
     from components.finetune import finetune
 
-    config = tiny_config.model_copy(update={
-        "quantization": tiny_config.quantization.model_copy(update={"load_in_4bit": True}),
-        "train": tiny_config.train.model_copy(update={"gradient_checkpointing": True,
-                                                      "max_steps": 3}),
-    })
+    config = tiny_config.model_copy(
+        update={
+            "quantization": tiny_config.quantization.model_copy(update={"load_in_4bit": True}),
+            "train": tiny_config.train.model_copy(
+                update={"gradient_checkpointing": True, "max_steps": 3}
+            ),
+        }
+    )
     result = finetune(config, tiny_base, train_file, None, tmp_path / "ft4")
     assert result.compute_dtype == "float32"  # bf16 on this CPU would be ~15x slower
     assert result.global_step == 3
@@ -83,22 +92,28 @@ def test_gpu_qlora_profile_trains_in_bf16(tmp_path, train_file) -> None:
     from components.finetune import finetune
 
     config = load_profile("gpu-qlora")
-    config = config.model_copy(update={
-        "train": config.train.model_copy(update={"max_steps": 4, "batch_size": 4})})
-    result = finetune(config, resolve_base_model(config.model), train_file, None,
-                      tmp_path / "gpu")
+    config = config.model_copy(
+        update={"train": config.train.model_copy(update={"max_steps": 4, "batch_size": 4})}
+    )
+    result = finetune(config, resolve_base_model(config.model), train_file, None, tmp_path / "gpu")
     assert result.device == "cuda" and result.compute_dtype == "bfloat16"
     assert result.last_loss < result.first_loss
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_last_checkpoint(tmp_path, train_file, tiny_base,
-                                                 tiny_config) -> None:
+def test_killed_run_resumes_from_last_checkpoint(
+    tmp_path, train_file, tiny_base, tiny_config
+) -> None:
     """SIGKILL a real training process after its first checkpoint, then run again."""
     from components.finetune import finetune
 
-    config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(
-        update={"max_steps": 40, "save_steps": 2, "save_total_limit": 50, "batch_size": 2})})
+    config = tiny_config.model_copy(
+        update={
+            "train": tiny_config.train.model_copy(
+                update={"max_steps": 40, "save_steps": 2, "save_total_limit": 50, "batch_size": 2}
+            )
+        }
+    )
     output = tmp_path / "ft"
     script = textwrap.dedent(f"""
         from pathlib import Path
@@ -109,9 +124,13 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path, train_file, tiny_base
         base = BaseModelRef(**{tiny_base.to_dict()!r})
         finetune(config, base, {train_file!r}, None, Path({str(output)!r}))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=os.environ.copy())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ.copy(),
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (output / "checkpoint-4").is_dir():
         assert proc.poll() is None, "training ended before it could be killed"

@@ -26,8 +26,14 @@ def test_every_prefect_yaml_entrypoint_loads(deployment: dict) -> None:
 
 
 def test_cli_help_is_fast_and_offline() -> None:
-    out = subprocess.run([sys.executable, "-m", "flows.training_pipeline", "--help"],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.training_pipeline", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert "--profile" in out.stdout
 
 
@@ -49,21 +55,44 @@ def test_training_pipeline_tiny_twice(home, prefect_server) -> None:
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     version = client.get_model_version(name, "1")
     assert set(version.aliases) == {"champion", "challenger"}
-    for tag in ("base_model", "base_model_sha256", "base_model_revision", "dataset_hash",
-                "test_hash", "profile", "git_commit", "eval.rouge_l", "eval.perplexity",
-                "gate.decision", "gate.reason"):
+    for tag in (
+        "base_model",
+        "base_model_sha256",
+        "base_model_revision",
+        "dataset_hash",
+        "test_hash",
+        "profile",
+        "git_commit",
+        "eval.rouge_l",
+        "eval.perplexity",
+        "gate.decision",
+        "gate.reason",
+    ):
         assert version.tags.get(tag), tag
     assert version.tags["base_model"] == "tiny-random-llama"
     assert version.tags["profile"] == "tiny"
 
     run = client.get_run(first["mlflow_run_id"])
-    for metric in ("eval.candidate.rouge_l", "eval.base.perplexity.ci_low", "train.loss",
-                   "data.kept", "clean.removed.near_duplicate"):
+    for metric in (
+        "eval.candidate.rouge_l",
+        "eval.base.perplexity.ci_low",
+        "train.loss",
+        "data.kept",
+        "clean.removed.near_duplicate",
+    ):
         assert metric in run.data.metrics, metric
-    artifacts = {a.path for folder in ("data", "eval", "finetune", "profile")
-                 for a in client.list_artifacts(run.info.run_id, folder)}
-    assert {"data/quarantine.jsonl", "eval/metrics.png", "eval/samples.json",
-            "finetune/loss_curve.png", "profile/tiny.yaml"} <= artifacts
+    artifacts = {
+        a.path
+        for folder in ("data", "eval", "finetune", "profile")
+        for a in client.list_artifacts(run.info.run_id, folder)
+    }
+    assert {
+        "data/quarantine.jsonl",
+        "eval/metrics.png",
+        "eval/samples.json",
+        "finetune/loss_curve.png",
+        "profile/tiny.yaml",
+    } <= artifacts
     assert mlflow.get_tracking_uri().endswith(str(home / "mlflow.db"))
 
     second = training_pipeline(profile="tiny")
@@ -92,8 +121,14 @@ def test_deployment_runs_on_a_flywheel_worker(home, prefect_server) -> None:
     env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
 
     def prefect(*args: str, timeout: int = 120) -> str:
-        done = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "-m", "prefect", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         return done.stdout
 

@@ -28,41 +28,55 @@ def test_every_format_and_schema_maps_to_one_schema(tmp_path: Path) -> None:
         writer.writerow(["What is the champion alias?", "The version being served."])
     rows = [{"prompt": "What is QLoRA?", "response": "LoRA on 4-bit."}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
-    Dataset.from_list([{"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is drift?"},
-        {"role": "assistant", "content": "Live prompts unlike training prompts."}]}]
+    Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "What is drift?"},
+                    {"role": "assistant", "content": "Live prompts unlike training prompts."},
+                ]
+            }
+        ]
     ).save_to_disk(str(tmp_path / "d_hf"))
     feedback = tmp_path / "curated"
     feedback.mkdir()
     _jsonl(feedback / "batch-1.jsonl", [{"instruction": "Fix 503?", "output": "Retry later."}])
 
-    sources = [SourceConfig(path=str(tmp_path / n)) for n in ("a.jsonl", "b.csv", "c.parquet",
-                                                              "d_hf")]
+    sources = [
+        SourceConfig(path=str(tmp_path / n)) for n in ("a.jsonl", "b.csv", "c.parquet", "d_hf")
+    ]
     result = ingest(sources, tmp_path / "out", feedback_dir=str(feedback))
 
     assert result.valid == 5 and result.quarantined == 0
     assert result.from_feedback == 1
     examples = load_examples(Path(result.examples_path))
     assert [e.instruction for e in examples] == [
-        "How do I run the tests?", "What is the champion alias?", "What is QLoRA?",
-        "What is drift?", "Fix 503?"]
+        "How do I run the tests?",
+        "What is the champion alias?",
+        "What is QLoRA?",
+        "What is drift?",
+        "Fix 503?",
+    ]
     assert examples[3].system == "Be brief."
     assert examples[2].output == "LoRA on 4-bit."
     assert examples[4].origin == "feedback"
 
 
 def test_bad_records_are_quarantined_with_reasons(tmp_path: Path) -> None:
-    source = _jsonl(tmp_path / "mixed.jsonl", [
-        ALPACA,
-        "{not json",
-        {"instruction": "no answer"},
-        {"instruction": 42, "output": "x"},
-        {"question": "?", "answer": "!"},
-        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
-        {"instruction": "   ", "output": "blank instruction"},
-        ["a", "list"],
-    ])
+    source = _jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            ALPACA,
+            "{not json",
+            {"instruction": "no answer"},
+            {"instruction": 42, "output": "x"},
+            {"question": "?", "answer": "!"},
+            {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+            {"instruction": "   ", "output": "blank instruction"},
+            ["a", "list"],
+        ],
+    )
     result = ingest([SourceConfig(path=str(source))], tmp_path / "out")
 
     assert result.valid == 1 and result.quarantined == 7

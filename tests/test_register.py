@@ -14,10 +14,19 @@ from components.register import (
 )
 from components.tracking import RunLogger
 
-BETTER = Comparison(metric="rouge_l", reference="base", candidate_value=0.40,
-                    reference_value=0.20, difference=0.20, low=0.12, high=0.28, confidence=0.95)
-WORSE = replace(BETTER, reference="champion", candidate_value=0.18, difference=-0.02,
-                low=-0.06, high=0.01)
+BETTER = Comparison(
+    metric="rouge_l",
+    reference="base",
+    candidate_value=0.40,
+    reference_value=0.20,
+    difference=0.20,
+    low=0.12,
+    high=0.28,
+    confidence=0.95,
+)
+WORSE = replace(
+    BETTER, reference="champion", candidate_value=0.18, difference=-0.02, low=-0.06, high=0.01
+)
 TAGS = {"profile": "tiny", "dataset_hash": "abc", "git_commit": "deadbeef"}
 
 
@@ -27,12 +36,13 @@ def adapter_dir(tmp_path_factory, tiny_base, tiny_config) -> str:
     from components.records import Example, save_examples
 
     folder = tmp_path_factory.mktemp("adapter")
-    save_examples(folder / "train.jsonl", [Example(instruction=f"q{i}", output=f"a{i}")
-                                           for i in range(8)])
-    config = tiny_config.model_copy(update={
-        "train": tiny_config.train.model_copy(update={"max_steps": 2})})
-    return finetune(config, tiny_base, str(folder / "train.jsonl"), None,
-                    folder / "ft").adapter_dir
+    save_examples(
+        folder / "train.jsonl", [Example(instruction=f"q{i}", output=f"a{i}") for i in range(8)]
+    )
+    config = tiny_config.model_copy(
+        update={"train": tiny_config.train.model_copy(update={"max_steps": 2})}
+    )
+    return finetune(config, tiny_base, str(folder / "train.jsonl"), None, folder / "ft").adapter_dir
 
 
 def test_gate_decisions_explain_themselves() -> None:
@@ -82,8 +92,9 @@ def test_registered_version_loads_as_pyfunc(home, adapter_dir, tiny_base) -> Non
     run = RunLogger.start("flywheel-test", "pyfunc", TAGS)
     register_candidate(run.run_id, "flywheel-llm-pyfunc", adapter_dir, tiny_base, TAGS, BETTER)
     model = mlflow.pyfunc.load_model(f"models:/flywheel-llm-pyfunc@{CHAMPION}")
-    answers = model.predict(pd.DataFrame({"prompt": ["What is make test?", "Hi"]}),
-                            params={"max_new_tokens": 4})
+    answers = model.predict(
+        pd.DataFrame({"prompt": ["What is make test?", "Hi"]}), params={"max_new_tokens": 4}
+    )
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 

@@ -15,8 +15,9 @@ class BleuStats(evaluate.Metric):
             description="Corpus BLEU with per-example n-gram statistics for resampling.",
             citation="Post, A Call for Clarity in Reporting BLEU Scores, 2018.",
             inputs_description="predictions and references: lists of strings of equal length",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):

@@ -14,8 +14,9 @@ class ExactMatch(evaluate.Metric):
             description="1.0 where the normalised prediction equals the normalised reference.",
             citation="",
             inputs_description="predictions and references: lists of strings of equal length",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):
