@@ -8,6 +8,8 @@ again with the same `output_dir` resumes from the last checkpoint.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +21,8 @@ from components.config import LoraSettings, PipelineConfig, QuantizationConfig
 from components.device import select_compute_dtype, select_device
 from components.plots import plot_loss_curve
 from components.records import load_examples
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +46,30 @@ class FinetuneResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint that was fully written, or None.
+
+    A run killed while saving leaves a partial `checkpoint-N` (the trainer writes
+    `trainer_state.json` last); such a folder is removed, with a warning, so that resuming
+    and checkpoint rotation do not trip over it.
+    """
+    checkpoints = sorted(
+        output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]), reverse=True
+    )
+    for checkpoint in checkpoints:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+            if (checkpoint / "optimizer.pt").is_file():
+                return str(checkpoint)
+        except (OSError, ValueError):
+            pass
+        log.warning(
+            "removing incomplete checkpoint %s (the run stopped while saving it)", checkpoint
+        )
+        shutil.rmtree(checkpoint)
+    return None
 
 
 def load_tokenizer(path: str, padding_side: str = "right") -> Any:
@@ -140,7 +168,6 @@ def finetune(
     `on_log(metrics, step)` receives the trainer's logs (loss, learning rate, ...) as they come.
     """
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     train_cfg = config.train
     device = select_device(train_cfg.device)
@@ -198,7 +225,7 @@ def finetune(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    resume_from = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    resume_from = last_complete_checkpoint(output_dir)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started

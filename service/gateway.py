@@ -80,7 +80,6 @@ class ModelVersionHeader:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Client errors as JSON; unexpected ones as a JSON 500 with the details in the log."""
-    app.add_middleware(ModelVersionHeader)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -240,12 +239,15 @@ class Gateway:
             info = await self.generator.to_async.info()
             self._set_version(str(info["version"]))
 
-    async def _generate(self, item: GenerationInput) -> GenerationOutput:
+    async def _generate(self, item: GenerationInput, param: str | None = None) -> GenerationOutput:
+        """Generate through the batching generator; `param` names the prompt field in errors."""
         results = await self.generator.to_async.generate(inputs=[item])
         out = results[0]
         out = out if isinstance(out, GenerationOutput) else GenerationOutput.model_validate(out)
         if out.error:
-            raise ApiError(400, out.error, param=out.error_param, code="context_length_exceeded")
+            raise ApiError(
+                400, out.error, param=param or out.error_param, code="context_length_exceeded"
+            )
         self._set_version(out.model_version)
         return out
 
@@ -298,7 +300,7 @@ class Gateway:
                 top_p=req.top_p,
                 stop=req.stop,
             )
-            out = await self._generate(item)
+            out = await self._generate(item, param="prompt")
             request_id = f"gen-{uuid.uuid4().hex}"
             latency = self._record("generate", req.prompt, out, started, request_id)
             return JSONResponse(

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from components.serving import GenerationInput, GenerationOutput, serve_settings
-from service.gateway import Gateway, install_error_handlers, playground_html
+from service.gateway import Gateway, ModelVersionHeader, install_error_handlers, playground_html
 
 SETTINGS = serve_settings()  # the decorators below need the limits when the class is defined
 
@@ -121,3 +121,8 @@ class Flywheel:
     @app.post("/admin/reload")
     async def reload(self, request: Request) -> JSONResponse:
         return await self.gateway.reload(request)
+
+
+# On the service, not the mounted app, so BentoML's own routes (/metrics, /healthz) carry it too.
+# (`@bentoml.service` returns a Service object; its type stub still says the class.)
+Flywheel.add_asgi_middleware(ModelVersionHeader)  # type: ignore[attr-defined]

@@ -77,3 +77,111 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def register_tiny_champion(home: Path, tiny_base, tiny_config) -> str:
+    """Train a 2-step tiny adapter and register it as champion in `home`; returns its folder."""
+    from components.evaluation import Comparison
+    from components.finetune import finetune
+    from components.records import Example, save_examples
+    from components.register import register_candidate
+    from components.tracking import RunLogger
+
+    work = home / "work"
+    save_examples(
+        work / "train.jsonl", [Example(instruction=f"q{i}", output=f"a{i}") for i in range(8)]
+    )
+    config = tiny_config.model_copy(
+        update={"train": tiny_config.train.model_copy(update={"max_steps": 2})}
+    )
+    adapter = finetune(config, tiny_base, str(work / "train.jsonl"), None, work / "ft").adapter_dir
+    better = Comparison("perplexity", "base", 1.0, 2.0, -1.0, -1.5, -0.5, 0.95)
+    run = RunLogger.start("flywheel", "fixture", {"profile": "tiny"})
+    register_candidate(
+        run.run_id, tiny_config.registry.model_name, adapter, tiny_base, {"profile": "tiny"}, better
+    )
+    return adapter
+
+
+class ServedService:
+    """A real `bentoml serve` of the repository's service in a subprocess."""
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = home / "service.log"
+        self.env = {
+            **os.environ,
+            "FLYWHEEL_HOME": str(home),
+            "FLYWHEEL_PROFILE": "tiny",
+            "BENTOML_HOME": str(home / "bentoml"),
+            "BENTOML_DO_NOT_TRACK": "true",
+            **(env or {}),
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(self.port)],
+            cwd=REPO_ROOT,
+            env=self.env,
+            stdout=self.log_path.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("bentoml serve exited:\n" + self.log_path.read_text()[-3000:])
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("service not ready:\n" + self.log_path.read_text()[-3000:])
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # graceful: the store drains its queue
+            try:
+                self.process.wait(timeout=30)
+            except Exception:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def champion_home(tmp_path_factory, tiny_base, tiny_config):
+    """A FLYWHEEL_HOME with a registered tiny champion, for service and deploy tests."""
+    home = tmp_path_factory.mktemp("served-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLYWHEEL_HOME", str(home))
+        register_tiny_champion(home, tiny_base, tiny_config)
+        yield home
+
+
+@pytest.fixture(scope="module")
+def served(champion_home):
+    """`bentoml serve` of the tiny champion; stopped after the module."""
+    service = ServedService(champion_home)
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        service.stop()

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -132,7 +133,12 @@ def test_killed_run_resumes_from_last_checkpoint(
         env=os.environ.copy(),
     )
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (output / "checkpoint-4").is_dir():
+    # Kill once checkpoint-4 is complete (trainer_state.json is written last); a later
+    # checkpoint may be half-written at the moment of the kill, which resume must survive.
+    while (
+        time.monotonic() < deadline
+        and not (output / "checkpoint-4" / "trainer_state.json").is_file()
+    ):
         assert proc.poll() is None, "training ended before it could be killed"
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
@@ -144,3 +150,19 @@ def test_killed_run_resumes_from_last_checkpoint(
     assert result.resumed_from is not None
     assert int(result.resumed_from.rsplit("-", 1)[1]) >= 4
     assert result.global_step == 40
+
+
+def test_partial_checkpoint_is_skipped_and_removed(tmp_path) -> None:
+    from components.finetune import last_complete_checkpoint
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "optimizer.pt").write_bytes(b"x")
+        if complete:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_st')  # cut off
+
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert last_complete_checkpoint(tmp_path / "missing") is None

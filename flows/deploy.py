@@ -1,0 +1,86 @@
+"""Deploy flow: Bento for a model version, start or hot-swap the service, smoke test,
+and on any failure restore the previous champion and serving model, failing the run.
+
+    python -m flows.deploy --model flywheel-llm --version 3 --profile cpu-small
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from components.config import load_profile
+from components.deploy import DeployError, DeployResult, build_bento, roll_back, roll_out
+from components.deploy import smoke_test as run_smoke_test
+
+
+@task(retries=2, retry_delay_seconds=[5, 15])
+def build(model_name: str, version: str, profile: str) -> str:
+    return build_bento(model_name, version, profile)
+
+
+@task
+def release(model_name: str, version: str, profile: str, port: int) -> tuple[str, str]:
+    return roll_out(model_name, version, profile, port)
+
+
+@task
+def smoke(url: str, version: str) -> float:
+    return run_smoke_test(url, version)
+
+
+@task
+def restore(model_name: str, previous: str | None, profile: str, url: str, action: str) -> str:
+    return roll_back(model_name, previous, profile, url, action)
+
+
+@flow(name="deploy", log_prints=True)
+def deploy(
+    model_name: str,
+    version: str,
+    profile: str = "cpu-small",
+    previous_champion: str | None = None,
+    port: int | None = None,
+) -> dict:
+    """Serve `model_name` version `version`; roll back to `previous_champion` on failure."""
+    port = port or load_profile(profile).serve.port
+    url, action = f"http://127.0.0.1:{port}", "swapped"
+    tag = build(model_name, version, profile)
+    try:
+        url, action = release(model_name, version, profile, port)
+        latency = smoke(url, version)
+    except DeployError as exc:
+        restored = restore(model_name, previous_champion, profile, url, action)
+        create_markdown_artifact(
+            f"## Deploy of {model_name} v{version} failed\n- reason: {exc}\n- {restored}",
+            key="deploy",
+            description="Deploy and rollback",
+        )
+        raise DeployError(f"{exc}; {restored}") from None
+    result = DeployResult(model_name, version, url, action, tag, latency)
+    create_markdown_artifact(
+        f"## {model_name} v{version} is serving\n- {action} at {url}\n- Bento `{tag}`\n"
+        f"- smoke test: one generation in {latency:.0f} ms",
+        key="deploy",
+        description="Deploy and rollback",
+    )
+    get_run_logger().info("%s v%s %s at %s", model_name, version, action, url)
+    return result.to_dict()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--version", required=True)
+    parser.add_argument("--profile", default="cpu-small")
+    parser.add_argument("--previous", default=None, help="version to restore on failure")
+    args = parser.parse_args(argv)
+    deploy(args.model, args.version, args.profile, args.previous)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

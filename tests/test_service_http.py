@@ -1,0 +1,204 @@
+"""The service over HTTP: a real `bentoml serve` of a registered tiny champion."""
+
+import concurrent.futures
+import json
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples (matching the labels) scraped from /metrics."""
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def test_openai_client_works_unchanged(served) -> None:
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(base_url=f"{served.url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["flywheel-llm-tiny"]
+
+    chat = client.chat.completions.create(
+        model="flywheel-llm-tiny",
+        messages=[{"role": "user", "content": "How do I test?"}],
+        max_tokens=5,
+    )
+    assert chat.id.startswith("chatcmpl-")
+    assert chat.usage.completion_tokens == 5 and chat.choices[0].finish_reason == "length"
+
+    pieces = list(
+        client.chat.completions.create(
+            model="flywheel-llm-tiny",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=5,
+            stream=True,
+        )
+    )
+    text = "".join(p.choices[0].delta.content or "" for p in pieces)
+    assert text and pieces[-1].choices[0].finish_reason in ("length", "stop")
+    assert pieces[0].choices[0].delta.role == "assistant"
+
+    completion = client.completions.create(
+        model="flywheel-llm-tiny", prompt="Flywheel is", max_tokens=4
+    )
+    assert completion.usage.completion_tokens == 4
+    streamed = list(
+        client.completions.create(
+            model="flywheel-llm-tiny", prompt="Flywheel is", max_tokens=4, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in streamed)
+
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "Hi"}])
+
+
+def test_stream_ends_with_done(served) -> None:
+    with httpx.stream(
+        "POST",
+        f"{served.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True},
+        timeout=60,
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_concurrent_requests_are_batched(served) -> None:
+    before_sum = metric(served.url, "bentoml_service_adaptive_batch_size_sum")
+    before_count = metric(served.url, "bentoml_service_adaptive_batch_size_count")
+
+    def call(i: int) -> dict:
+        response = httpx.post(
+            f"{served.url}/generate",
+            timeout=120,
+            json={"prompt": f"Question number {i}?", "max_new_tokens": 24},
+        )
+        response.raise_for_status()
+        return response.json()
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, range(16)))
+    assert len({r["request_id"] for r in results}) == 16
+    assert all(r["completion_tokens"] == 24 and r["model_version"] == "1" for r in results)
+
+    requests = metric(served.url, "bentoml_service_adaptive_batch_size_sum") - before_sum
+    batches = metric(served.url, "bentoml_service_adaptive_batch_size_count") - before_count
+    assert requests == 16
+    assert requests / batches > 1, f"16 requests in {batches} batches: no batching"
+
+
+def test_feedback_is_stored_and_counted(served, champion_home) -> None:
+    from components.inference_store import InferenceStore
+
+    generated = httpx.post(f"{served.url}/generate", json={"prompt": "Help?"}).json()
+    before = metric(served.url, "flywheel_feedback_total", rating="down")
+    body = {
+        "request_id": generated["request_id"],
+        "rating": "down",
+        "correction": "Run make test.",
+        "comment": "too vague",
+    }
+    first = httpx.post(f"{served.url}/feedback", json=body)
+    again = httpx.post(f"{served.url}/feedback", json=body)
+    assert first.status_code == again.status_code == 200
+    assert first.json()["stored"] is True and again.json()["stored"] is False
+    assert metric(served.url, "flywheel_feedback_total", rating="down") == before + 1
+
+    unknown = httpx.post(f"{served.url}/feedback", json={"request_id": "nope", "rating": "up"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "request_id"
+
+    store = InferenceStore()  # the same SQLite file under the served FLYWHEEL_HOME
+    try:
+        logged = store.get(generated["request_id"])
+        assert logged is not None and logged.prompt == "Help?" and logged.model_version == "1"
+        feedback = [f for f in store.feedback_since(0) if f.request_id == logged.request_id]
+        assert feedback[0].correction == "Run make test."
+    finally:
+        store.close()
+
+
+LONG = "word " * 3000
+
+BAD_REQUESTS = [
+    ("/generate", b'{"prompt": "hi", ', 400, None),
+    ("/generate", b'{"prompt": "\xff\xfe"}', 400, None),
+    ("/generate", b"[1, 2]", 400, None),
+    ("/generate", b"{}", 422, "prompt"),
+    ("/generate", b'{"prompt": 5}', 422, "prompt"),
+    ("/generate", b'{"prompt": ""}', 422, "prompt"),
+    ("/generate", b'{"prompt": "hi", "max_new_tokens": 0}', 422, "max_new_tokens"),
+    ("/generate", b'{"prompt": "hi", "max_new_tokens": 100000}', 422, "max_new_tokens"),
+    ("/generate", b'{"prompt": "hi", "temperature": 9}', 422, "temperature"),
+    ("/generate", b'{"prompt": "hi", "top_p": 0}', 422, "top_p"),
+    ("/generate", b'{"prompt": "hi", "colour": "red"}', 422, "colour"),
+    ("/generate", json.dumps({"prompt": LONG}).encode(), 400, "prompt"),
+    ("/generate", json.dumps({"prompt": "x" * 20000}).encode(), 413, "prompt"),
+    ("/v1/chat/completions", b'{"messages": []}', 422, "messages"),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "robot", "content": "x"}]}',
+        422,
+        "messages.0.role",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}',
+        404,
+        "model",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
+        422,
+        "max_tokens",
+    ),
+    ("/v1/completions", b'{"prompt": "x", "n": 3}', 422, "n"),
+    ("/feedback", b'{"request_id": "x", "rating": "meh"}', 422, "rating"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    BAD_REQUESTS,
+    ids=[f"{p}-{s}-{param}" for p, _, s, param in BAD_REQUESTS],
+)
+def test_bad_input_gets_a_4xx_naming_the_field(served, path, body, status, param) -> None:
+    response = httpx.post(
+        f"{served.url}{path}",
+        content=body,
+        timeout=60,
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"]
+
+
+def test_service_survives_bad_input_without_server_errors(served) -> None:
+    assert httpx.post(f"{served.url}/generate", json={"prompt": "still there?"}).status_code == 200
+    assert metric(served.url, "bentoml_service_request_total", http_response_code="500") == 0
+    log = served.log_path.read_text()
+    assert "unexpected error" not in log
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/v1/models", "/"])
+def test_every_response_carries_the_model_version(served, path) -> None:
+    response = httpx.get(f"{served.url}{path}")
+    assert response.status_code == 200
+    assert response.headers["x-model-version"] == "1"
+
+
+def test_playground_page_is_served(served) -> None:
+    page = httpx.get(served.url).text
+    assert "Flywheel playground" in page and "/v1/chat/completions" in page

@@ -1,0 +1,175 @@
+"""Service logic in-process: batching rules, the inference store, and the gateway's routes
+with the generator called directly instead of over HTTP."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components.generation import GenerationRequest, generate_requests, group_requests
+from components.inference_store import InferenceRecord, InferenceStore, UnknownRequest
+
+
+def req(max_new_tokens: int, temperature: float = 0.0, stop: tuple = ()) -> GenerationRequest:
+    return GenerationRequest(
+        prompt="<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        stop=stop,
+    )
+
+
+def test_short_requests_are_not_grouped_with_long_ones() -> None:
+    groups = group_requests([req(16), req(256), req(24), req(16, temperature=0.7), req(200)])
+    assert sorted(sorted(g) for g in groups) == [[0, 2], [1, 4], [3]]
+
+
+def test_each_request_keeps_its_own_token_limit(tiny_base) -> None:
+    from components.generation import load_for_inference
+
+    model, tokenizer = load_for_inference(tiny_base.path)
+    results = generate_requests(model, tokenizer, [req(3), req(5), req(8)])
+    assert [r.completion_tokens for r in results] == [3, 5, 8]
+
+
+def test_stop_strings_end_only_their_own_row(tokenizer) -> None:
+    import torch
+
+    from components.generation import _row_limits, _truncate_at_stop
+
+    prompt = tokenizer("Q:", add_special_tokens=False)["input_ids"]
+    answer = tokenizer(" run make test then stop", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + answer, prompt + answer])
+    rows = [req(50, stop=("make test",)), req(50, stop=("never",))]
+    done = _row_limits(tokenizer, rows, len(prompt))(ids, None)
+    assert done.tolist() == [True, False]
+    assert _truncate_at_stop("run make test then", ["make test"]) == "run "
+
+
+def _record(request_id: str, prompt: str = "hi") -> InferenceRecord:
+    return InferenceRecord(request_id, 1.0, "1", "generate", prompt, "answer", 3, 4, 12.5)
+
+
+def test_store_logs_off_the_request_path_and_keeps_feedback_idempotent(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    store = InferenceStore(url)
+    for i in range(50):
+        store.log(_record(f"r{i}"))
+    record, created = store.add_feedback("r7", "down", correction="better")
+    assert created and record.rating == "down"
+    assert store.add_feedback("r7", "down", correction="better")[1] is False
+    assert store.add_feedback("r7", "up")[1] is True  # a changed mind replaces the rating
+    with pytest.raises(UnknownRequest):
+        store.add_feedback("never-logged", "up")
+    store.log(_record("last"))
+    store.close()  # a clean shutdown writes what is still queued
+
+    reopened = InferenceStore(url)
+    try:
+        assert len(reopened.inferences_since(0)) == 51
+        assert reopened.rating_counts() == {"up": 1}
+        with reopened.engine.connect() as conn:
+            mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+        assert mode == "wal"
+    finally:
+        reopened.close()
+
+
+class LocalGenerator:
+    """The generator service's methods, called in-process."""
+
+    def __init__(self, served) -> None:
+        self.served = served
+        self.to_async = self
+
+    async def generate(self, inputs):
+        return self.served.generate(inputs)
+
+    async def info(self):
+        current = self.served.current
+        return {"name": current.name, "version": current.version}
+
+    async def stream(self, item):
+        from components.serving import stream_input
+
+        for output in stream_input(self.served.current, item):
+            yield output.model_dump_json() + "\n"
+
+
+@pytest.fixture
+def client_for(champion_home, monkeypatch):
+    """A TestClient of the real FastAPI routes, the gateway built with the given env."""
+    from bentoml import get_current_service
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setenv("FLYWHEEL_HOME", str(champion_home))
+    monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
+    from components.serving import ServedModel, default_model_uri, serve_settings
+    from service.gateway import Gateway
+    from service.service import app
+
+    served = ServedModel.from_uri(default_model_uri(), warmup=False)
+    gateways = []
+
+    def make(settings_update: dict | None = None, api_key: str | None = None) -> TestClient:
+        if api_key:
+            monkeypatch.setenv("FLYWHEEL_API_KEY", api_key)
+        settings = serve_settings().model_copy(update=settings_update or {})
+        gateway = Gateway(settings, LocalGenerator(served))
+        gateways.append(gateway)
+        app.dependency_overrides[get_current_service] = lambda: type(
+            "Svc", (), {"gateway": gateway}
+        )()
+        return TestClient(app)
+
+    yield make
+    app.dependency_overrides.clear()
+    for gateway in gateways:
+        gateway.close()
+
+
+def test_api_key_protects_generation_and_feedback(client_for) -> None:
+    client = client_for(api_key="s3cret")
+    body = {"prompt": "hi", "max_new_tokens": 2}
+    denied = client.post("/generate", json=body)
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    assert (
+        client.post("/generate", json=body, headers={"authorization": "Bearer wrong"}).status_code
+        == 401
+    )
+    ok = client.post("/generate", json=body, headers={"authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    assert (
+        client.post(
+            "/feedback", json={"request_id": ok.json()["request_id"], "rating": "up"}
+        ).status_code
+        == 401
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [("full", "mail me at ann@example.com"), ("redacted", "mail me at [EMAIL]"), ("off", "")],
+)
+def test_prompt_logging_modes(client_for, mode, expected) -> None:
+    client = client_for({"log_prompts": mode})
+    response = client.post(
+        "/generate", json={"prompt": "mail me at ann@example.com", "max_new_tokens": 2}
+    )
+    assert response.status_code == 200
+    store = InferenceStore()
+    try:
+        assert store.get(response.json()["request_id"]).prompt == expected
+    finally:
+        store.close()
+
+
+def test_streaming_route_in_process(client_for) -> None:
+    client = client_for()
+    response = client.post(
+        "/v1/completions", json={"prompt": "Flywheel", "max_tokens": 3, "stream": True}
+    )
+    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
