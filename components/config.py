@@ -128,6 +128,7 @@ class ServeConfig(StrictModel):
     max_prompt_chars: int = Field(default=16_000, gt=0)
     log_prompts: Literal["full", "redacted", "off"] = "full"
     warmup: bool = True
+    deploy_on_promotion: bool = False
 
 
 class PipelineConfig(StrictModel):

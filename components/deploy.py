@@ -38,9 +38,13 @@ class DeployResult:
 
 
 def service_env(profile: str, model_uri: str | None = None) -> dict[str, str]:
-    env = {**os.environ, "FLYWHEEL_PROFILE": profile, "FLYWHEEL_HOME": str(flywheel_home()),
-           "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(flywheel_home() / "bentoml")),
-           "BENTOML_DO_NOT_TRACK": "true"}
+    env = {
+        **os.environ,
+        "FLYWHEEL_PROFILE": profile,
+        "FLYWHEEL_HOME": str(flywheel_home()),
+        "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(flywheel_home() / "bentoml")),
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
     if model_uri:
         env["FLYWHEEL_MODEL_URI"] = model_uri
     return env
@@ -56,7 +60,12 @@ def build_bento(model_name: str, version: str, profile: str) -> str:
     tag_version = f"{model_name}-v{version}".replace("_", "-")
     done = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", "--version", tag_version, "--output", "tag"],
-        cwd=REPO_ROOT, env=service_env(profile), capture_output=True, text=True, timeout=600)
+        cwd=REPO_ROOT,
+        env=service_env(profile),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if done.returncode != 0:
         raise DeployError(f"bentoml build failed: {done.stderr[-1500:]}")
     return done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
@@ -80,8 +89,12 @@ def start_service(profile: str, model_uri: str, port: int) -> int:
     with (logs / "service.log").open("a") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(port)],
-            cwd=REPO_ROOT, env=service_env(profile, model_uri), stdout=log_file,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=REPO_ROOT,
+            env=service_env(profile, model_uri),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     _pid_file().write_text(str(process.pid))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -117,8 +130,12 @@ def stop_service() -> bool:
 
 def swap_model(url: str, model_uri: str) -> str:
     """Tell the running service to load, warm up and switch to `model_uri`."""
-    response = httpx.post(f"{url}/admin/reload", json={"model_uri": model_uri},
-                          headers=_auth(), timeout=STARTUP_TIMEOUT_S)
+    response = httpx.post(
+        f"{url}/admin/reload",
+        json={"model_uri": model_uri},
+        headers=_auth(),
+        timeout=STARTUP_TIMEOUT_S,
+    )
     if response.status_code != 200:
         raise DeployError(f"the service could not load {model_uri}: {response.text[:500]}")
     return str(response.json()["version"])
@@ -129,16 +146,22 @@ def smoke_test(url: str, expected_version: str) -> float:
     if not is_ready(url):
         raise DeployError("smoke test: /readyz is not 200")
     started = time.perf_counter()
-    response = httpx.post(f"{url}/generate", headers=_auth(), timeout=120,
-                          json={"prompt": "How do I run the tests?", "max_new_tokens": 8})
+    response = httpx.post(
+        f"{url}/generate",
+        headers=_auth(),
+        timeout=120,
+        json={"prompt": "How do I run the tests?", "max_new_tokens": 8},
+    )
     latency = (time.perf_counter() - started) * 1000
     if response.status_code != 200:
-        raise DeployError(f"smoke test: /generate answered {response.status_code}: "
-                          f"{response.text[:300]}")
+        raise DeployError(
+            f"smoke test: /generate answered {response.status_code}: {response.text[:300]}"
+        )
     served = response.headers.get("x-model-version")
     if served != expected_version or response.json().get("model_version") != expected_version:
-        raise DeployError(f"smoke test: expected version {expected_version}, the service "
-                          f"answered with {served}")
+        raise DeployError(
+            f"smoke test: expected version {expected_version}, the service answered with {served}"
+        )
     return round(latency, 1)
 
 
@@ -153,8 +176,7 @@ def roll_out(model_name: str, version: str, profile: str, port: int) -> tuple[st
     return url, "started"
 
 
-def roll_back(model_name: str, previous: str | None, profile: str, url: str,
-              action: str) -> str:
+def roll_back(model_name: str, previous: str | None, profile: str, url: str, action: str) -> str:
     """Restore the previous champion alias and serving model; says what was done."""
     from components.register import CHAMPION
     from components.tracking import configure_mlflow

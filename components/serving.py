@@ -115,6 +115,9 @@ class ServedModel:
             self._warm(loaded)
         self._current = loaded
         self._lock = threading.Lock()
+        # One model call at a time: concurrent generate calls on a CPU fight over the same
+        # cores and are slower together than in turn. Batching is what adds throughput.
+        self.compute = threading.Lock()
 
     @classmethod
     def from_uri(cls, uri: str, warmup: bool = True) -> ServedModel:
@@ -141,7 +144,8 @@ class ServedModel:
         return loaded
 
     def generate(self, inputs: list[GenerationInput]) -> list[GenerationOutput]:
-        return run_inputs(self._current, inputs)
+        with self.compute:
+            return run_inputs(self._current, inputs)
 
 
 def _prompt_text(loaded: LoadedModel, item: GenerationInput) -> str:

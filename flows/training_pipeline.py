@@ -25,6 +25,7 @@ from components.config import PipelineConfig, SourceConfig, load_profile, profil
 from components.paths import flywheel_home, tracking_uri
 from components.tracking import RunLogger, git_commit
 from flows.data_prep import data_prep
+from flows.deploy import deploy
 from flows.evaluation import evaluate_stage
 from flows.finetuning import finetune_stage
 from flows.registration import register_stage
@@ -111,6 +112,11 @@ def training_pipeline(profile: str = "tiny", extra_sources: list[str] | None = N
         registered = register_stage(
             config.registry.model_name, trained.adapter_dir, base, lineage, evaluated, run.run_id
         )
+        if registered.gate.promote and config.serve.deploy_on_promotion:
+            deployed = deploy(
+                registered.model_name, registered.version, profile, registered.previous_champion
+            )
+            run.tags({"deployed_at": deployed["url"]})
     except BaseException:
         run.finish("FAILED")
         raise

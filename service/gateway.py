@@ -173,6 +173,28 @@ async def parse(request: Request, model: type[BaseModel]) -> Any:
         raise ApiError(422, f"{param}: {first['msg']}", param=param) from None
 
 
+async def with_connection_retry(call: Any, attempts: int = 3) -> Any:
+    """Retry a generator call whose pooled connection the generator had already closed.
+
+    Under load the generator's server can close an idle keep-alive connection just as the
+    gateway reuses it ("Server disconnected"); the request never reached the model, so
+    sending it again on a fresh connection is safe.
+    """
+    import asyncio
+
+    import aiohttp
+
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            if attempt == attempts - 1:
+                raise
+            log.warning("generator connection closed under us; retrying (%d)", attempt + 1)
+            await asyncio.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 class Gateway:
     """What the public routes do, given the generator dependency."""
 
@@ -241,7 +263,9 @@ class Gateway:
 
     async def _generate(self, item: GenerationInput, param: str | None = None) -> GenerationOutput:
         """Generate through the batching generator; `param` names the prompt field in errors."""
-        results = await self.generator.to_async.generate(inputs=[item])
+        results = await with_connection_retry(
+            lambda: self.generator.to_async.generate(inputs=[item])
+        )
         out = results[0]
         out = out if isinstance(out, GenerationOutput) else GenerationOutput.model_validate(out)
         if out.error:
