@@ -131,11 +131,9 @@ def attach_lora(model: Any, settings: LoraSettings) -> Any:
     return get_peft_model(model, config)
 
 
-def _dataset(tokenizer: Any, path: str, max_len: int) -> Any:
-    from datasets import Dataset
-
-    rows = [tokenize_for_training(tokenizer, e, max_len) for e in load_examples(Path(path))]
-    return Dataset.from_list(rows)
+def _dataset(tokenizer: Any, path: str, max_len: int) -> list[dict[str, list[int]]]:
+    """Tokenized rows; a list is all the trainer needs from a map-style dataset."""
+    return [tokenize_for_training(tokenizer, e, max_len) for e in load_examples(Path(path))]
 
 
 def _loss_callback(on_log: Any) -> Any:

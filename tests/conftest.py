@@ -43,8 +43,14 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh FLYWHEEL_HOME (and so a fresh SQLite MLflow store) for one test."""
     folder = tmp_path / "home"
     monkeypatch.setenv("FLYWHEEL_HOME", str(folder))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # Set, not deleted: mlflow.set_tracking_uri exports the variable, and only a setenv
+    # is undone after the test, so no other test inherits this home's registry.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri(folder))
     return folder
+
+
+def sqlite_uri(home: Path) -> str:
+    return f"sqlite:///{home / 'mlflow.db'}"
 
 
 @pytest.fixture(scope="session")
@@ -125,6 +131,7 @@ class ServedService:
             **os.environ,
             "FLYWHEEL_HOME": str(home),
             "FLYWHEEL_PROFILE": "tiny",
+            "MLFLOW_TRACKING_URI": sqlite_uri(home),
             "BENTOML_HOME": str(home / "bentoml"),
             "BENTOML_DO_NOT_TRACK": "true",
             **(env or {}),
@@ -172,6 +179,7 @@ def champion_home(tmp_path_factory, tiny_base, tiny_config):
     home = tmp_path_factory.mktemp("served-home")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FLYWHEEL_HOME", str(home))
+        patch.setenv("MLFLOW_TRACKING_URI", sqlite_uri(home))
         register_tiny_champion(home, tiny_base, tiny_config)
         yield home
 

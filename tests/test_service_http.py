@@ -202,3 +202,39 @@ def test_every_response_carries_the_model_version(served, path) -> None:
 def test_playground_page_is_served(served) -> None:
     page = httpx.get(served.url).text
     assert "Flywheel playground" in page and "/v1/chat/completions" in page
+
+
+def test_overload_is_refused_quickly_not_queued_forever(champion_home, tmp_path) -> None:
+    import time
+
+    import yaml
+
+    from components.config import profile_path
+    from tests.conftest import ServedService
+
+    raw = yaml.safe_load(profile_path("tiny").read_text())
+    raw["serve"] = {"max_concurrency": 2}
+    tight = tmp_path / "tiny-tight.yaml"
+    tight.write_text(yaml.safe_dump(raw))
+    service = ServedService(champion_home, env={"FLYWHEEL_PROFILE": str(tight)})
+    try:
+        service.wait_ready()
+
+        def call(_: int) -> tuple[int, float]:
+            started = time.perf_counter()
+            response = httpx.post(
+                f"{service.url}/generate",
+                timeout=120,
+                json={"prompt": "Explain everything.", "max_new_tokens": 200},
+            )
+            return response.status_code, time.perf_counter() - started
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(call, range(12)))
+        statuses = [status for status, _ in results]
+        assert 200 in statuses and 429 in statuses, statuses
+        assert set(statuses) <= {200, 429}
+        slowest_refusal = max(seconds for status, seconds in results if status == 429)
+        assert slowest_refusal < 2.0  # refused at once, not after waiting in a queue
+    finally:
+        service.stop()

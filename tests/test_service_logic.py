@@ -103,6 +103,7 @@ def client_for(champion_home, monkeypatch):
     from fastapi.testclient import TestClient
 
     monkeypatch.setenv("FLYWHEEL_HOME", str(champion_home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{champion_home / 'mlflow.db'}")
     monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
     from components.serving import ServedModel, default_model_uri, serve_settings
     from service.gateway import Gateway
@@ -120,7 +121,9 @@ def client_for(champion_home, monkeypatch):
         app.dependency_overrides[get_current_service] = lambda: type(
             "Svc", (), {"gateway": gateway}
         )()
-        return TestClient(app)
+        client = TestClient(app)
+        client.gateway = gateway  # type: ignore[attr-defined]
+        return client
 
     yield make
     app.dependency_overrides.clear()
@@ -157,11 +160,9 @@ def test_prompt_logging_modes(client_for, mode, expected) -> None:
         "/generate", json={"prompt": "mail me at ann@example.com", "max_new_tokens": 2}
     )
     assert response.status_code == 200
-    store = InferenceStore()
-    try:
-        assert store.get(response.json()["request_id"]).prompt == expected
-    finally:
-        store.close()
+    # The gateway's own store: get() waits for its background writer.
+    logged = client.gateway.store.get(response.json()["request_id"])
+    assert logged is not None and logged.prompt == expected
 
 
 def test_streaming_route_in_process(client_for) -> None:
