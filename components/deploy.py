@@ -176,7 +176,7 @@ def roll_out(model_name: str, version: str, profile: str, port: int) -> tuple[st
     return url, "started"
 
 
-def roll_back(model_name: str, previous: str | None, profile: str, url: str, action: str) -> str:
+def roll_back(model_name: str, previous: str | None, profile: str, port: int, action: str) -> str:
     """Restore the previous champion alias and serving model; says what was done."""
     from components.register import CHAMPION
     from components.tracking import configure_mlflow
@@ -190,7 +190,7 @@ def roll_back(model_name: str, previous: str | None, profile: str, url: str, act
     configure_mlflow()
     MlflowClient().set_registered_model_alias(model_name, CHAMPION, previous)
     uri = f"models:/{model_name}/{previous}"
-    port = int(url.rsplit(":", 1)[1])
+    url = f"http://127.0.0.1:{port}"
     if action == "started":
         stop_service()
         start_service(profile, uri, port)

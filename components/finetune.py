@@ -178,9 +178,10 @@ def finetune(
     trainable, total = model.get_nb_trainable_parameters()
 
     train_set = _dataset(tokenizer, train_path, train_cfg.max_seq_len)
-    eval_set = None
-    if validation_path and load_examples(Path(validation_path)):
-        eval_set = _dataset(tokenizer, validation_path, train_cfg.max_seq_len)
+    eval_rows = (
+        _dataset(tokenizer, validation_path, train_cfg.max_seq_len) if validation_path else []
+    )
+    eval_set = eval_rows or None
 
     output_dir.mkdir(parents=True, exist_ok=True)
     args = TrainingArguments(

@@ -193,36 +193,19 @@ class InferenceStore:
             )
         return InferenceRecord(**row) if row else None
 
-    def inferences_since(self, since: float) -> list[InferenceRecord]:
+    def _since(self, table: Any, since: float) -> list[Any]:
         from sqlalchemy import select
 
-        self.flush()
+        query = select(table).where(table.c.created_at >= since).order_by(table.c.created_at)
         with self.engine.connect() as conn:
-            rows = (
-                conn.execute(
-                    select(self.inference)
-                    .where(self.inference.c.created_at >= since)
-                    .order_by(self.inference.c.created_at)
-                )
-                .mappings()
-                .all()
-            )
-        return [InferenceRecord(**r) for r in rows]
+            return list(conn.execute(query).mappings().all())
+
+    def inferences_since(self, since: float) -> list[InferenceRecord]:
+        self.flush()
+        return [InferenceRecord(**r) for r in self._since(self.inference, since)]
 
     def feedback_since(self, since: float) -> list[FeedbackRecord]:
-        from sqlalchemy import select
-
-        with self.engine.connect() as conn:
-            rows = (
-                conn.execute(
-                    select(self.feedback)
-                    .where(self.feedback.c.created_at >= since)
-                    .order_by(self.feedback.c.created_at)
-                )
-                .mappings()
-                .all()
-            )
-        return [FeedbackRecord(**r) for r in rows]
+        return [FeedbackRecord(**r) for r in self._since(self.feedback, since)]
 
     def rating_counts(self, since: float = 0.0) -> Counter[str]:
         return Counter(f.rating for f in self.feedback_since(since))

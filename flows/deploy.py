@@ -33,8 +33,8 @@ def smoke(url: str, version: str) -> float:
 
 
 @task
-def restore(model_name: str, previous: str | None, profile: str, url: str, action: str) -> str:
-    return roll_back(model_name, previous, profile, url, action)
+def restore(model_name: str, previous: str | None, profile: str, port: int, action: str) -> str:
+    return roll_back(model_name, previous, profile, port, action)
 
 
 @flow(name="deploy", log_prints=True)
@@ -53,7 +53,7 @@ def deploy(
         url, action = release(model_name, version, profile, port)
         latency = smoke(url, version)
     except DeployError as exc:
-        restored = restore(model_name, previous_champion, profile, url, action)
+        restored = restore(model_name, previous_champion, profile, port, action)
         create_markdown_artifact(
             f"## Deploy of {model_name} v{version} failed\n- reason: {exc}\n- {restored}",
             key="deploy",

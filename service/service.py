@@ -37,9 +37,6 @@ class Generator:
 
         self.served = ServedModel.from_uri(default_model_uri(), warmup=SETTINGS.warmup)
 
-    def __is_ready__(self) -> bool:
-        return self.served is not None
-
     @bentoml.api(
         batchable=SETTINGS.batching,
         max_batch_size=SETTINGS.max_batch_size,

@@ -57,6 +57,8 @@ def test_lora_trains_adapters_and_leaves_base_frozen(
     assert Path(result.loss_curve_png).stat().st_size > 1000
     assert (Path(result.adapter_dir) / "tokenizer_config.json").is_file()
     assert 0 < result.trainable_parameters < result.total_parameters
+    saved = load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
+    assert saved and all("lora_" in key for key in saved)  # only adapters were trained and kept
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base.path)
     untouched = {k: v.clone() for k, v in model.state_dict().items()}
