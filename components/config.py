@@ -131,6 +131,32 @@ class ServeConfig(StrictModel):
     deploy_on_promotion: bool = False
 
 
+class MonitorConfig(StrictModel):
+    """When the monitor calls for a retrain. Each check reports its figure and threshold."""
+
+    interval_minutes: float = Field(default=60, gt=0)  # the `monitor/<profile>` schedule
+    service_url: str | None = None  # default: http://127.0.0.1:<serve.port>
+    min_requests: int = Field(default=20, gt=0)  # latency and error checks need this many
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    max_p95_latency_s: float | None = Field(default=None, gt=0)
+    latency_regression_factor: float = Field(default=2.0, gt=1)  # p95 vs the version's baseline
+    min_feedback: int = Field(default=20, gt=0)
+    baseline_down_rate: float = Field(default=0.2, ge=0, lt=1)  # until the champion has its own
+    significance: float = Field(default=0.01, gt=0, lt=0.5)
+    min_prompts: int = Field(default=20, gt=1)  # drift checks need this many live prompts
+    max_length_ks: float = Field(default=0.3, gt=0, le=1)
+    max_domain_auc: float = Field(default=0.8, gt=0.5, le=1)
+    cooldown_minutes: float = Field(default=120, ge=0)
+    low_confidence: float = Field(default=0.3, ge=0, le=1)  # answers below go to review
+
+
+class ReviewConfig(StrictModel):
+    """The Label Studio review project (server URL and token come from the environment)."""
+
+    project_title: str = "Flywheel answer review"
+    max_tasks_per_sync: int = Field(default=200, gt=0)
+
+
 class PipelineConfig(StrictModel):
     """Everything one training-pipeline run needs, validated as a whole."""
 
@@ -145,6 +171,8 @@ class PipelineConfig(StrictModel):
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    review: ReviewConfig = ReviewConfig()
 
 
 def profile_path(profile: str | Path) -> Path:

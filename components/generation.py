@@ -14,6 +14,9 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    # Geometric mean of the model's probabilities for the tokens it chose (before temperature
+    # and top-p): low values mark answers the model was unsure of, which go to review.
+    confidence: float | None = None
 
 
 def load_for_inference(
@@ -100,6 +103,46 @@ def _row_limits(tokenizer: Any, requests: Sequence[GenerationRequest], prompt_le
     return RowLimits()
 
 
+class TokenLogProbs:
+    """Records the log-probability of every chosen token during `generate`, at O(batch) memory.
+
+    `processor` keeps the step's log-softmax of the model's logits (transformers runs custom
+    processors before the sampling warpers, so temperature and top-p do not change it); `criterion`
+    (a stopping criterion that never stops) then picks the log-probability of the token just
+    appended. Unlike `output_scores`, nothing of vocabulary size is kept across steps.
+    """
+
+    def __init__(self) -> None:
+        from transformers import LogitsProcessor, StoppingCriteria
+
+        self.steps: list[Any] = []
+        self._last: Any = None
+        outer = self
+
+        class Keep(LogitsProcessor):
+            def __call__(self, input_ids: Any, scores: Any) -> Any:
+                outer._last = scores.float().log_softmax(dim=-1)
+                return scores
+
+        class Pick(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                import torch
+
+                outer.steps.append(outer._last.gather(1, input_ids[:, -1:]).squeeze(1))
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        self.processor = Keep()
+        self.criterion = Pick()
+
+    def confidence(self, row: int, n_tokens: int) -> float | None:
+        """exp(mean log-probability) of the row's first `n_tokens` generated tokens."""
+        import math
+
+        values = [float(step[row]) for step in self.steps[:n_tokens]]
+        finite = [v for v in values if math.isfinite(v)]
+        return math.exp(sum(finite) / len(finite)) if finite else None
+
+
 def generate_requests(
     model: Any, tokenizer: Any, requests: Sequence[GenerationRequest]
 ) -> list[Generation]:
@@ -114,7 +157,7 @@ def generate_requests(
 def _generate_group(
     model: Any, tokenizer: Any, requests: Sequence[GenerationRequest]
 ) -> list[Generation]:
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     batch = tokenizer(
         [r.prompt for r in requests], return_tensors="pt", padding=True, add_special_tokens=False
@@ -126,16 +169,20 @@ def _generate_group(
         else {"do_sample": False}
     )
     prompt_len = batch["input_ids"].shape[1]
+    logprobs = TokenLogProbs()
     output = model.generate(
         **batch,
         max_new_tokens=max(r.max_new_tokens for r in requests),
         pad_token_id=tokenizer.pad_token_id,
-        stopping_criteria=StoppingCriteriaList([_row_limits(tokenizer, requests, prompt_len)]),
+        logits_processor=LogitsProcessorList([logprobs.processor]),
+        stopping_criteria=StoppingCriteriaList(
+            [_row_limits(tokenizer, requests, prompt_len), logprobs.criterion]
+        ),
         **sampling,
     )
     results = []
-    for row, mask, request in zip(
-        output[:, prompt_len:], batch["attention_mask"], requests, strict=True
+    for index, (row, mask, request) in enumerate(
+        zip(output[:, prompt_len:], batch["attention_mask"], requests, strict=True)
     ):
         ids = row.tolist()[: request.max_new_tokens]
         if tokenizer.eos_token_id in ids:  # everything after the end of turn is padding
@@ -146,6 +193,7 @@ def _generate_group(
                 text=_truncate_at_stop(text, request.stop),
                 prompt_tokens=int(mask.sum()),
                 completion_tokens=len(ids),
+                confidence=logprobs.confidence(index, len(ids)),
             )
         )
     return results

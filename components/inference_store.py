@@ -36,6 +36,7 @@ class InferenceRecord:
     prompt_tokens: int
     completion_tokens: int
     latency_ms: float
+    confidence: float | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,16 @@ class FeedbackRecord:
     correction: str | None
     comment: str | None
     created_at: float
+
+
+@dataclass(frozen=True)
+class Answer(InferenceRecord):
+    """A logged generation joined with its feedback (None where there is none)."""
+
+    rating: Rating | None = None
+    correction: str | None = None
+    comment: str | None = None
+    rated_at: float | None = None
 
 
 class UnknownRequest(KeyError):
@@ -66,6 +77,7 @@ def _tables(metadata: Any) -> tuple[Any, Any]:
         Column("prompt_tokens", Integer, nullable=False),
         Column("completion_tokens", Integer, nullable=False),
         Column("latency_ms", Float, nullable=False),
+        Column("confidence", Float),
     )
     feedback = Table(
         "feedback",
@@ -101,9 +113,21 @@ class InferenceStore:
         metadata = MetaData()
         self.inference, self.feedback = _tables(metadata)
         metadata.create_all(self.engine)
+        self._add_missing_columns()
         self._queue: queue.Queue[InferenceRecord | None] = queue.Queue()
         self._writer = threading.Thread(target=self._drain, name="inference-log", daemon=True)
         self._writer.start()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a store written by an older Flywheel up to date (new columns are nullable)."""
+        from sqlalchemy import inspect, text
+
+        present = {c["name"] for c in inspect(self.engine).get_columns("inference")}
+        with self.engine.begin() as conn:
+            for column in self.inference.columns:
+                if column.name not in present:
+                    kind = column.type.compile(self.engine.dialect)
+                    conn.execute(text(f"ALTER TABLE inference ADD COLUMN {column.name} {kind}"))
 
     def log(self, record: InferenceRecord) -> None:
         """Queue a generation for writing; returns immediately."""
@@ -209,3 +233,29 @@ class InferenceStore:
 
     def rating_counts(self, since: float = 0.0) -> Counter[str]:
         return Counter(f.rating for f in self.feedback_since(since))
+
+    def answers_since(
+        self, since: float, until: float | None = None, rated: bool = False
+    ) -> list[Answer]:
+        """Generations joined with their feedback (None where there is none).
+
+        The window [since, until) is on the generation's time, or with `rated` on the
+        feedback's time (feedback often comes later than the answer), keeping rated ones only.
+        """
+        from sqlalchemy import select
+
+        self.flush()
+        i, f = self.inference, self.feedback
+        clock = f.c.created_at if rated else i.c.created_at
+        join = i.join if rated else i.outerjoin
+        query = (
+            select(i, f.c.rating, f.c.correction, f.c.comment, f.c.created_at.label("rated_at"))
+            .select_from(join(f, f.c.request_id == i.c.request_id))
+            .where(clock >= since)
+            .order_by(clock)
+        )
+        if until is not None:
+            query = query.where(clock < until)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [Answer(**row) for row in rows]

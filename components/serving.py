@@ -56,6 +56,7 @@ class GenerationOutput(BaseModel):
     text: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    confidence: float | None = None
     model_version: str = ""
     error: str | None = None
     error_param: str | None = None
@@ -202,6 +203,7 @@ def run_inputs(loaded: LoadedModel, inputs: list[GenerationInput]) -> list[Gener
                 text=result.text,
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
+                confidence=result.confidence,
                 model_version=loaded.version,
             )
     return [o if o is not None else GenerationOutput(error="not generated") for o in outputs]

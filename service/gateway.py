@@ -295,6 +295,7 @@ class Gateway:
                 prompt_tokens=out.prompt_tokens,
                 completion_tokens=out.completion_tokens,
                 latency_ms=latency_ms,
+                confidence=out.confidence,
             )
         )
         self.metrics.generated_tokens.labels(out.model_version, endpoint).inc(out.completion_tokens)

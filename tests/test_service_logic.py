@@ -30,6 +30,31 @@ def test_each_request_keeps_its_own_token_limit(tiny_base) -> None:
     model, tokenizer = load_for_inference(tiny_base.path)
     results = generate_requests(model, tokenizer, [req(3), req(5), req(8)])
     assert [r.completion_tokens for r in results] == [3, 5, 8]
+    assert all(r.confidence is not None and 0 < r.confidence <= 1 for r in results)
+
+
+def test_confidence_is_the_models_own_token_probability(tiny_base) -> None:
+    import math
+
+    import torch
+
+    from components.generation import load_for_inference
+
+    model, tokenizer = load_for_inference(tiny_base.path)
+    request = req(6)
+    result = generate_requests(model, tokenizer, [request])[0]
+    prompt = tokenizer(request.prompt, return_tensors="pt", add_special_tokens=False)
+    output = model.generate(
+        **prompt,
+        max_new_tokens=6,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    scores = model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+    expected = math.exp(float(torch.mean(scores[0, : result.completion_tokens])))
+    assert result.confidence == pytest.approx(expected, abs=1e-3)
 
 
 def test_stop_strings_end_only_their_own_row(tokenizer) -> None:
@@ -73,6 +98,43 @@ def test_store_logs_off_the_request_path_and_keeps_feedback_idempotent(tmp_path:
         assert mode == "wal"
     finally:
         reopened.close()
+
+
+def test_answers_join_feedback_by_answer_time_or_rating_time(tmp_path: Path) -> None:
+    store = InferenceStore(f"sqlite:///{tmp_path / 'feedback.db'}")
+    try:
+        for i in range(4):
+            store.log(InferenceRecord(f"r{i}", 10.0 + i, "1", "generate", "q", "a", 1, 1, 1.0, 0.5))
+        store.add_feedback("r1", "down", correction="fixed")
+        everything = store.answers_since(0)
+        assert [a.rating for a in everything] == [None, "down", None, None]
+        assert everything[1].correction == "fixed" and everything[1].confidence == 0.5
+        assert store.answers_since(11.5, until=13.0)[0].request_id == "r2"
+        rated = store.answers_since(0, rated=True)
+        assert [a.request_id for a in rated] == ["r1"]
+        assert store.answers_since(rated[0].rated_at + 1, rated=True) == []
+    finally:
+        store.close()
+
+
+def test_a_store_from_before_confidence_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE inference (request_id VARCHAR(64) PRIMARY KEY, created_at FLOAT,"
+            " model_version VARCHAR(128), endpoint VARCHAR(64), prompt TEXT, response TEXT,"
+            " prompt_tokens INTEGER, completion_tokens INTEGER, latency_ms FLOAT)"
+        )
+        conn.execute("INSERT INTO inference VALUES ('old', 1, '1', 'generate', 'q', 'a', 1, 1, 1)")
+    store = InferenceStore(f"sqlite:///{path}")
+    try:
+        store.log(_record("new"))
+        assert [a.confidence for a in store.answers_since(0)] == [None, None]
+        assert store.get("old") is not None
+    finally:
+        store.close()
 
 
 class LocalGenerator:
