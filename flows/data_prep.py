@@ -83,7 +83,8 @@ def data_prep(
         {"ingest": asdict(ingested), "clean": asdict(cleaned), "split": asdict(splits)},
         "data/report.json",
     )
-    for path in (ingested.quarantine_path, cleaned.dropped_path):
+    # The training prompts are what the monitor compares live prompts with.
+    for path in (ingested.quarantine_path, cleaned.dropped_path, splits.train_path):
         run.artifact(path, "data")
     publish_data_report(config.name, ingested, cleaned, splits)
     return PreparedData(ingested, cleaned, splits)

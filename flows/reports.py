@@ -7,7 +7,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")
 
 
@@ -39,7 +39,7 @@ def publish_data_report(profile: str, ingest: Any, clean: Any, split: Any) -> No
             *[f"| {r} | {n} |" for r, n in ingest.reasons.items()],
         ]
     create_markdown_artifact(
-        "\n".join(lines), key=f"data-{_slug(profile)}", description="Ingest and cleaning report"
+        "\n".join(lines), key=f"data-{slug(profile)}", description="Ingest and cleaning report"
     )
 
 
@@ -56,7 +56,7 @@ def publish_eval_report(profile: str, result: Any) -> None:
         for metric, s in metrics.items()
     ]
     create_table_artifact(
-        rows, key=f"eval-{_slug(profile)}", description=f"Frozen test split, n={result.n_examples}"
+        rows, key=f"eval-{slug(profile)}", description=f"Frozen test split, n={result.n_examples}"
     )
 
 
@@ -71,4 +71,4 @@ def publish_gate_report(profile: str, registered: Any, mlflow_uri: str) -> None:
             f"- model URI: `{registered.model_uri}` (tracking: `{mlflow_uri}`)",
         ]
     )
-    create_markdown_artifact(text, key=f"gate-{_slug(profile)}", description="Promotion gate")
+    create_markdown_artifact(text, key=f"gate-{slug(profile)}", description="Promotion gate")

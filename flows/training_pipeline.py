@@ -41,6 +41,7 @@ class PipelineSummary:
     reason: str
     scores: dict[str, dict[str, dict[str, float]]]
     run_dir: str
+    deployed_url: str | None
     seconds: float
 
 
@@ -64,8 +65,16 @@ def finetune_dir(config: PipelineConfig, data_hash: str) -> Path:
 
 
 @flow(name="training-pipeline", log_prints=True)
-def training_pipeline(profile: str = "tiny", extra_sources: list[str] | None = None) -> dict:
-    """Ingest and clean data, fine-tune, evaluate against base and champion, register."""
+def training_pipeline(
+    profile: str = "tiny",
+    extra_sources: list[str] | None = None,
+    deploy_if_promoted: bool | None = None,
+) -> dict:
+    """Ingest and clean data, fine-tune, evaluate against base and champion, register.
+
+    A promoted version is deployed when `deploy_if_promoted` is true, or when it is left
+    unset and the profile's `serve.deploy_on_promotion` is (the monitor's retrains set it).
+    """
     started = time.perf_counter()
     config = with_extra_sources(load_profile(profile), extra_sources or [])
     base = resolve_base(config)
@@ -112,11 +121,15 @@ def training_pipeline(profile: str = "tiny", extra_sources: list[str] | None = N
         registered = register_stage(
             config.registry.model_name, trained.adapter_dir, base, lineage, evaluated, run.run_id
         )
-        if registered.gate.promote and config.serve.deploy_on_promotion:
+        if deploy_if_promoted is None:
+            deploy_if_promoted = config.serve.deploy_on_promotion
+        deployed_url = None
+        if registered.gate.promote and deploy_if_promoted:
             deployed = deploy(
                 registered.model_name, registered.version, profile, registered.previous_champion
             )
-            run.tags({"deployed_at": deployed["url"]})
+            deployed_url = deployed["url"]
+            run.tags({"deployed_at": deployed_url})
     except BaseException:
         run.finish("FAILED")
         raise
@@ -130,6 +143,7 @@ def training_pipeline(profile: str = "tiny", extra_sources: list[str] | None = N
         reason=registered.gate.reason,
         scores=evaluated.scores,
         run_dir=str(run_dir),
+        deployed_url=deployed_url,
         seconds=round(time.perf_counter() - started, 1),
     )
     print(format_summary(summary))

@@ -1,0 +1,131 @@
+"""Curated examples: answers people reviewed (Label Studio) or corrected (`/feedback`).
+
+Each sync that finds something new writes one more version file, `NNNN-<source>.jsonl`, into
+the curated folder (`data.feedback_dir` of the profile, `data/curated` by default;
+`FLYWHEEL_CURATED_DIR` overrides it). Files are never rewritten, so every training run's
+data can be traced back to the versions it read. Before writing, each example is normalised,
+PII-scrubbed, dropped if it repeats a request or an example already curated, and dropped if
+its prompt overlaps the frozen test split, so feedback can never leak the test set into
+training. The training pipeline ingests the folder and counts these examples as feedback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components.clean import Decontaminator, normalize_text, scrub_pii
+from components.inference_store import Answer
+from components.records import Example, read_jsonl, write_jsonl
+
+VERSION_FILE = re.compile(r"^(\d{4})-[\w-]+\.jsonl$")
+
+
+@dataclass(frozen=True)
+class CuratedItem:
+    """One answer a person approved, or the answer they wrote instead."""
+
+    request_id: str
+    prompt: str
+    answer: str
+    source: str  # "label-studio" or "feedback"
+    verdict: str  # "approve", "correct" or "correction"
+    model_version: str = ""
+
+
+@dataclass
+class CurationResult:
+    path: str | None
+    written: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    pii: dict[str, int] = field(default_factory=dict)
+
+
+def curated_dir(feedback_dir: str | None) -> Path:
+    """Where curated versions live: `FLYWHEEL_CURATED_DIR`, else the profile's folder."""
+    from components.paths import resolve_path
+
+    chosen = os.environ.get("FLYWHEEL_CURATED_DIR") or feedback_dir or "data/curated"
+    return resolve_path(chosen)
+
+
+def curated_versions(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if VERSION_FILE.match(p.name))
+
+
+def curated_request_ids(folder: Path) -> set[str]:
+    return {str(r.get("request_id")) for p in curated_versions(folder) for r in read_jsonl(p)}
+
+
+def feedback_corrections(answers: Iterable[Answer]) -> list[CuratedItem]:
+    """Corrections users sent with `/feedback`: the answer they say was right."""
+    return [
+        CuratedItem(
+            request_id=a.request_id,
+            prompt=a.prompt,
+            answer=a.correction,
+            source="feedback",
+            verdict="correction",
+            model_version=a.model_version,
+        )
+        for a in answers
+        if a.correction and a.correction.strip()
+    ]
+
+
+def write_curated(
+    items: Iterable[CuratedItem], folder: Path, test: list[Example], decontam_ngram: int
+) -> CurationResult:
+    """Write the new, clean items as the next version file; returns what was kept and why not."""
+    seen_requests = curated_request_ids(folder)
+    seen_keys = {
+        Example(instruction=r["instruction"], output=r["output"]).key()
+        for p in curated_versions(folder)
+        for r in read_jsonl(p)
+    }
+    contaminated = Decontaminator(test, decontam_ngram)
+    skipped: Counter[str] = Counter()
+    pii: Counter[str] = Counter()
+    rows = []
+    for item in items:
+        prompt = scrub_pii(normalize_text(item.prompt), pii)
+        answer = scrub_pii(normalize_text(item.answer), pii)
+        example = Example(instruction=prompt, output=answer)
+        if not prompt or not answer:
+            skipped["empty"] += 1
+        elif item.request_id in seen_requests or example.key() in seen_keys:
+            skipped["duplicate"] += 1
+        elif contaminated(example):
+            skipped["overlaps_test_split"] += 1
+        else:
+            seen_requests.add(item.request_id)
+            seen_keys.add(example.key())
+            rows.append(
+                {
+                    "instruction": prompt,
+                    "output": answer,
+                    "request_id": item.request_id,
+                    "source": item.source,
+                    "verdict": item.verdict,
+                    "model_version": item.model_version,
+                }
+            )
+    if not rows:
+        return CurationResult(None, 0, dict(skipped), dict(pii))
+    versions = curated_versions(folder)
+    number = int(versions[-1].name[:4]) + 1 if versions else 1
+    source = "-".join(sorted({r["source"] for r in rows}))
+    path = folder / f"{number:04d}-{source}.jsonl"
+    write_jsonl(path, rows)
+    return CurationResult(str(path), len(rows), dict(skipped), dict(pii))
+
+
+def summary(folder: Path) -> dict[str, int]:
+    """Examples per version file, for reports."""
+    return {p.name: len(read_jsonl(p)) for p in curated_versions(folder)}

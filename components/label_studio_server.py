@@ -1,0 +1,129 @@
+"""A local Label Studio server: headless, offline, on localhost, with a known API token.
+
+Label Studio pins old versions of many packages, so it lives in its own virtual environment
+(`.venv-labelstudio`, made by `make labelstudio`). Its data (SQLite, users, projects) lives
+under `$FLYWHEEL_HOME/labelstudio`. The token is `LABEL_STUDIO_API_KEY` if set, else one
+generated once and kept in `$FLYWHEEL_HOME/labelstudio/token`; Label Studio only takes it on a
+fresh data folder, so the token file and the folder are created together.
+
+    python -m components.label_studio_server --port 8080     # what `make labelstudio` runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from components.paths import REPO_ROOT, flywheel_home
+
+VENV = REPO_ROOT / ".venv-labelstudio"
+USERNAME = "reviewer@flywheel.local"
+
+
+def data_dir() -> Path:
+    return flywheel_home() / "labelstudio"
+
+
+def api_token() -> str:
+    """`LABEL_STUDIO_API_KEY`, else the local server's token (created on first use)."""
+    if token := os.environ.get("LABEL_STUDIO_API_KEY"):
+        return token
+    path = data_dir() / "token"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(20))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def command(port: int, folder: Path, token: str, password: str) -> list[str]:
+    executable = VENV / "bin" / "label-studio"
+    if not executable.exists():
+        raise FileNotFoundError(f"{executable} not found: run `make labelstudio-setup` first")
+    return [
+        str(executable),
+        "start",
+        "--no-browser",
+        "--internal-host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(folder),
+        "--username",
+        USERNAME,
+        "--password",
+        password,
+        "--user-token",
+        token,
+        "--enable-legacy-api-token",
+    ]
+
+
+def environment() -> dict[str, str]:
+    """Offline and quiet: no sign-up without a link, no analytics, no version checks."""
+    return {
+        **os.environ,
+        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+        "COLLECT_ANALYTICS": "false",
+        "LATEST_VERSION_CHECK": "false",
+        "SENTRY_DSN": "",
+        "FRONTEND_SENTRY_DSN": "",
+    }
+
+
+def password() -> str:
+    """The reviewer's login password: `LABEL_STUDIO_PASSWORD`, else the token."""
+    return os.environ.get("LABEL_STUDIO_PASSWORD") or api_token()
+
+
+def start(port: int, log_path: Path) -> subprocess.Popen:
+    """Start the server in the background; `wait_ready` before using it."""
+    folder = data_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        command(port, folder, api_token(), password()),
+        env=environment(),
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_ready(url: str, process: subprocess.Popen | None = None, timeout: float = 240) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"Label Studio exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health/", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"Label Studio did not answer {url}/health/ within {timeout:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m components.label_studio_server")
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args(argv)
+    folder = data_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"Label Studio on http://127.0.0.1:{args.port}  (data: {folder})")
+    print(f"  log in as {USERNAME}; password: LABEL_STUDIO_PASSWORD, else the API token")
+    print(f"  API token: LABEL_STUDIO_API_KEY, else the file {folder / 'token'}")
+    cmd = command(args.port, folder, api_token(), password())
+    return subprocess.call(cmd, env=environment())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Annotation sync: send bad answers to Label Studio, bring finished reviews back as data.
+
+    python -m flows.annotation_sync --profile cpu-small
+
+or the deployment `annotation-sync/<profile>`. Each run pushes the thumbs-down and
+low-confidence answers that are not in the review project yet, then turns approved and
+corrected reviews, and corrections users sent with `/feedback`, into the next version of the
+curated data (see components/curated.py) that the next training run ingests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from components.annotation import ReviewProject, curated_items, review_candidates
+from components.config import PipelineConfig, load_profile
+from components.curated import (
+    CuratedItem,
+    CurationResult,
+    curated_dir,
+    feedback_corrections,
+    summary,
+    write_curated,
+)
+from components.inference_store import InferenceStore
+from components.split import load_frozen_test
+from flows.reports import slug
+
+
+@task(retries=2, retry_delay_seconds=[5, 20])
+def connect(title: str) -> ReviewProject:
+    return ReviewProject.connect(title)
+
+
+@task
+def push_candidates(project: ReviewProject, config: PipelineConfig, since: float) -> int:
+    store = InferenceStore()
+    try:
+        answers = store.answers_since(since)
+    finally:
+        store.close()
+    candidates = review_candidates(answers, config.monitor.low_confidence)
+    return project.push(candidates, config.review.max_tasks_per_sync)
+
+
+@task
+def curate(config: PipelineConfig, items: list[CuratedItem]) -> CurationResult:
+    """Write the items as the next curated version (deduplicated, scrubbed, test-safe)."""
+    return write_curated(
+        items,
+        curated_dir(config.data.feedback_dir),
+        load_frozen_test(config.data.test_path),
+        config.clean.decontam_ngram,
+    )
+
+
+@task
+def user_corrections(since: float) -> list[CuratedItem]:
+    store = InferenceStore()
+    try:
+        return feedback_corrections(store.answers_since(since, rated=True))
+    finally:
+        store.close()
+
+
+@flow(name="annotation-sync", log_prints=True)
+def annotation_sync(profile: str = "cpu-small", lookback_days: float = 30.0) -> dict:
+    """Push answers to review, pull finished reviews, write curated training data."""
+    config = load_profile(profile)
+    since = time.time() - lookback_days * 86400
+    project = connect(config.review.project_title)
+    pushed = push_candidates(project, config, since)
+    items, verdicts = curated_items(project.reviews())
+    result = curate(config, items + user_corrections(since))
+    folder = curated_dir(config.data.feedback_dir)
+    report = {
+        "project": project.url,
+        "pushed": pushed,
+        "verdicts": dict(verdicts),
+        "curated": asdict(result),
+        "curated_versions": summary(folder),
+    }
+    create_markdown_artifact(
+        "\n".join(
+            [
+                f"## Annotation sync for `{config.name}`",
+                f"- review project: {project.url}",
+                f"- answers pushed for review: **{pushed}**",
+                "- finished reviews: "
+                + (", ".join(f"{k} {v}" for k, v in sorted(verdicts.items())) or "none"),
+                f"- new curated examples: **{result.written}**"
+                + (f" in `{result.path}`" if result.path else ""),
+                "- not used: "
+                + (", ".join(f"{k} {v}" for k, v in result.skipped.items()) or "none"),
+                f"- curated folder `{folder}`: {len(report['curated_versions'])} versions, "
+                f"{sum(report['curated_versions'].values())} examples",
+            ]
+        ),
+        key=f"annotation-{slug(config.name)}",
+        description="Label Studio review and curated data",
+    )
+    print(
+        f"pushed {pushed} answers to {project.url}; reviews {dict(verdicts)}; "
+        f"curated {result.written} new examples" + (f" -> {result.path}" if result.path else "")
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.annotation_sync")
+    parser.add_argument("--profile", default="cpu-small")
+    parser.add_argument("--lookback-days", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    result = annotation_sync(profile=args.profile, lookback_days=args.lookback_days)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
