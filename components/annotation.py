@@ -184,9 +184,9 @@ class ReviewProject:
         from label_studio_sdk import LabelStudio
 
         url, token = label_studio_settings()
-        client = LabelStudio(base_url=url, api_key=token)
+        client: Any = LabelStudio(base_url=url, api_key=token)
         try:
-            existing: list[Any] = [p for p in client.projects.list(title=title) if p.title == title]
+            existing = [p for p in client.projects.list(title=title) if p.title == title]
         except Exception as exc:  # the SDK raises httpx and API errors alike
             raise ReviewError(f"cannot reach Label Studio at {url}: {exc}") from exc
         if existing:
