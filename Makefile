@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= cpu-small
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
+LABEL_STUDIO_VENV := .venv-labelstudio
+LABEL_STUDIO_PORT ?= 8080
 
 export FLYWHEEL_HOME ?= $(CURDIR)/.flywheel
 export PREFECT_HOME ?= $(FLYWHEEL_HOME)/prefect
@@ -15,13 +18,17 @@ export BENTOML_DO_NOT_TRACK ?= true
 # A fresh Prefect database takes a while to create on a small machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: help setup test lint format train demo serve benchmark lock clean
+.PHONY: help setup labelstudio-setup labelstudio test lint format train demo monitor \
+	annotation-sync serve benchmark lock clean
 
 help:
 	@echo "make setup   build $(VENV) from requirements.lock (idempotent)"
 	@echo "make test    set up if needed, then run the whole test suite"
-	@echo "make demo    set up if needed, then run the loop on PROFILE=$(PROFILE)"
+	@echo "make demo    set up if needed, then run the whole loop on PROFILE=$(PROFILE)"
 	@echo "make train   run the training pipeline once on PROFILE=$(PROFILE)"
+	@echo "make monitor run the monitor once on PROFILE=$(PROFILE) (retrains if it decides to)"
+	@echo "make labelstudio       start Label Studio on port $(LABEL_STUDIO_PORT) (own venv)"
+	@echo "make annotation-sync   push bad answers to Label Studio, pull reviews as data"
 	@echo "make serve   serve the champion of PROFILE=$(PROFILE) on port 3000 (bentoml serve)"
 	@echo "make benchmark  load test with and without adaptive batching"
 	@echo "make lint    ruff + mypy"
@@ -37,7 +44,18 @@ $(VENV)/.installed: requirements.lock
 
 setup: $(VENV)/.installed
 
-test: setup
+# Label Studio pins old versions of many packages: it gets its own environment.
+$(LABEL_STUDIO_VENV)/.installed:
+	test -x $(LABEL_STUDIO_VENV)/bin/python || $(PYTHON) -m venv $(LABEL_STUDIO_VENV)
+	$(LABEL_STUDIO_VENV)/bin/pip install --quiet --disable-pip-version-check label-studio==1.23.2
+	touch $@
+
+labelstudio-setup: $(LABEL_STUDIO_VENV)/.installed
+
+labelstudio: setup labelstudio-setup
+	$(PY) -m components.label_studio_server --port $(LABEL_STUDIO_PORT)
+
+test: setup labelstudio-setup
 	mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -54,7 +72,17 @@ train: setup
 	mkdir -p $(PREFECT_HOME)
 	$(PY) -m flows.training_pipeline --profile $(PROFILE)
 
-demo: train
+demo: setup
+	mkdir -p $(PREFECT_HOME)
+	$(PY) -m flows.demo --profile $(PROFILE) $(DEMO_ARGS)
+
+monitor: setup
+	mkdir -p $(PREFECT_HOME)
+	$(PY) -m flows.monitor --profile $(PROFILE)
+
+annotation-sync: setup
+	mkdir -p $(PREFECT_HOME)
+	$(PY) -m flows.annotation_sync --profile $(PROFILE)
 
 serve: setup
 	FLYWHEEL_PROFILE=$(PROFILE) $(VENV)/bin/bentoml serve . --port 3000

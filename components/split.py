@@ -48,7 +48,11 @@ def split(
         e for e in examples if assign_validation(e, config.validation_fraction, config.seed)
     ]
     if config.max_train_examples is not None and len(train) > config.max_train_examples:
-        train = random.Random(config.seed).sample(train, config.max_train_examples)
+        # What people taught the model is always kept; the cap samples the rest.
+        taught = [e for e in train if e.origin == "feedback"][: config.max_train_examples]
+        rest = [e for e in train if e.origin != "feedback"]
+        room = config.max_train_examples - len(taught)
+        train = taught + random.Random(config.seed).sample(rest, room)
     if not train:
         raise ValueError(
             "no training examples left after the split; add data or lower data.validation_fraction"

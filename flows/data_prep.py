@@ -11,6 +11,7 @@ from components.base_model import BaseModelRef
 from components.chat import chat_token_counter
 from components.clean import CleanResult, clean
 from components.config import PipelineConfig
+from components.curated import curated_dir
 from components.finetune import load_tokenizer
 from components.ingest import IngestResult, ingest
 from components.records import load_examples
@@ -28,7 +29,8 @@ class PreparedData:
 
 @task(retries=2, retry_delay_seconds=[2, 10])
 def ingest_sources(config: PipelineConfig, out_dir: Path) -> IngestResult:
-    return ingest(config.data.sources, out_dir, config.data.feedback_dir)
+    feedback = config.data.feedback_dir and str(curated_dir(config.data.feedback_dir))
+    return ingest(config.data.sources, out_dir, feedback)
 
 
 @task

@@ -2,7 +2,7 @@ from pathlib import Path
 
 from components.config import DataConfig, SourceConfig
 from components.records import Example, load_examples
-from components.split import split
+from components.split import assign_validation, split
 
 
 def _examples(n: int, prefix: str = "q") -> list[Example]:
@@ -26,3 +26,17 @@ def test_max_train_examples_caps_training(tmp_path: Path) -> None:
     config = DataConfig(sources=[SourceConfig(path="x.jsonl")], max_train_examples=10)
     result = split(_examples(100), _examples(3, "t"), config, tmp_path)
     assert result.train == 10
+
+
+def test_the_cap_keeps_every_feedback_example(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    config = DataConfig(sources=[SourceConfig(path="x.jsonl")], max_train_examples=10)
+    examples = _examples(100)
+    taught = [replace(e, origin="feedback") for e in _examples(4, "fb")]
+    result = split(examples + taught, _examples(3, "t"), config, tmp_path)
+    kept = load_examples(Path(result.train_path))
+    assert len(kept) == 10
+    assert sum(e.origin == "feedback" for e in kept) == 4 - sum(
+        assign_validation(e, config.validation_fraction, config.seed) for e in taught
+    )

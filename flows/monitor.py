@@ -1,0 +1,332 @@
+"""Monitor flow: read the service's metrics, the users' feedback and the live prompts, decide
+whether to retrain, say why, and start the retrain.
+
+    python -m flows.monitor --profile cpu-small
+
+or the scheduled deployment `monitor/<profile>` (see prefect.yaml). A retrain starts the
+`training-pipeline/<profile>` deployment (`run_deployment`), or, when no such deployment
+exists, runs the training flow in this process. Either way the new version is deployed to the
+running service if the gate promotes it. A cooldown and a lock keep retrains one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from components.config import PipelineConfig, load_profile
+from components.curated import curated_dir, curated_versions, feedback_corrections
+from components.inference_store import InferenceStore
+from components.monitor import (
+    MonitorState,
+    RetrainDecision,
+    Scrape,
+    ScrapeError,
+    Signals,
+    assess,
+    next_state,
+    scrape,
+)
+from components.paths import flywheel_home
+from components.records import read_jsonl
+from components.tracking import RunLogger
+from flows.annotation_sync import curate
+from flows.reports import slug
+
+RetrainMode = Literal["auto", "deployment", "in-process", "off"]
+
+
+def service_url(config: PipelineConfig) -> str:
+    """`FLYWHEEL_SERVICE_URL`, else the profile's `monitor.service_url`, else localhost."""
+    return (
+        os.environ.get("FLYWHEEL_SERVICE_URL")
+        or config.monitor.service_url
+        or f"http://127.0.0.1:{config.serve.port}"
+    )
+
+
+def state_path(config: PipelineConfig) -> Path:
+    return flywheel_home() / "monitor" / f"{config.registry.model_name}.json"
+
+
+@task(retries=2, retry_delay_seconds=[2, 5])
+def read_metrics(url: str) -> Scrape:
+    return scrape(url)
+
+
+@task
+def reference_prompts(config: PipelineConfig) -> tuple[list[str], str | None]:
+    """The champion's training prompts (logged with its run), and the champion's version."""
+    import mlflow
+
+    from components.register import current_champion
+    from components.tracking import configure_mlflow
+
+    configure_mlflow()
+    champion = current_champion(config.registry.model_name)
+    if champion is None:
+        return [], None
+    folder = flywheel_home() / "monitor" / "reference" / f"run-{champion.run_id}"
+    cached = list(folder.rglob("train.jsonl"))
+    path = (
+        cached[0]
+        if cached
+        else Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=champion.run_id, artifact_path="data/train.jsonl", dst_path=str(folder)
+            )
+        )
+    )
+    return [r["instruction"] for r in read_jsonl(path)], str(champion.version)
+
+
+@task
+def gather(config: PipelineConfig, state: MonitorState, url: str) -> Signals:
+    now = time.time()
+    since = state.last_run_at or now - config.monitor.interval_minutes * 60
+    current, unreachable = None, None
+    try:
+        current = read_metrics(url)
+    except ScrapeError as exc:
+        unreachable = str(exc)
+    store = InferenceStore()
+    try:
+        answers = store.answers_since(since, until=now)
+        rated = store.answers_since(since, until=now, rated=True)
+        rated_before = store.answers_since(0, until=since, rated=True)
+    finally:
+        store.close()
+    prompts, champion = reference_prompts(config)
+    return Signals(now, current, unreachable, answers, rated, rated_before, prompts, champion)
+
+
+def running_retrain(deployment: str) -> str | None:
+    """A description of a retrain that is still pending or running, if any."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_deployment_by_name(deployment)
+        except ObjectNotFound:
+            return None
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING])
+                )
+            ),
+            limit=1,
+        )
+    if not runs:
+        return None
+    state = runs[0].state.name if runs[0].state else "pending"
+    return f"{deployment} run '{runs[0].name}' is {state}"
+
+
+@contextmanager
+def retrain_lock(config: PipelineConfig):  # -> Iterator[bool]
+    """An exclusive lock on this machine, held while a retrain runs in-process."""
+    import fcntl
+
+    path = flywheel_home() / "monitor" / f"{config.registry.model_name}.retrain.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lock_is_held(config: PipelineConfig) -> bool:
+    with retrain_lock(config) as acquired:
+        return not acquired
+
+
+@task
+def curate_feedback(config: PipelineConfig, since: float) -> dict[str, Any]:
+    """Corrections users sent with `/feedback` join the curated data before a retrain."""
+    store = InferenceStore()
+    try:
+        items = feedback_corrections(store.answers_since(since, rated=True))
+    finally:
+        store.close()
+    result = curate(config, items)
+    folder = curated_dir(config.data.feedback_dir)
+    total = sum(len(read_jsonl(p)) for p in curated_versions(folder))
+    return {"new": result.written, "skipped": result.skipped, "total": total, "folder": str(folder)}
+
+
+def start_retrain(profile: str, config: PipelineConfig, mode: RetrainMode, wait: bool) -> dict:
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.training_pipeline import training_pipeline
+
+    logger = get_run_logger()
+    deployment = f"training-pipeline/{config.name}"
+    parameters = {"profile": profile, "deploy_if_promoted": True}
+    if mode in ("auto", "deployment"):
+        try:
+            run = run_deployment(deployment, parameters=parameters, timeout=None if wait else 0)
+            state = run.state.name if run.state else "SCHEDULED"
+            logger.info("started %s as flow run '%s' (%s)", deployment, run.name, state)
+            result: dict[str, Any] = {"how": "deployment", "flow_run": run.name, "state": state}
+            if wait and run.state is not None and run.state.is_completed():
+                result["summary"] = run.state.result(raise_on_failure=False)
+            return result
+        except ObjectNotFound:
+            if mode == "deployment":
+                raise
+            logger.info("no deployment %s: training in this process", deployment)
+    with retrain_lock(config) as acquired:
+        if not acquired:
+            return {"how": "skipped", "why": "another retrain holds the lock"}
+        summary = training_pipeline(profile=profile, deploy_if_promoted=True)
+    return {"how": "in-process", "summary": summary}
+
+
+def publish(config: PipelineConfig, decision: RetrainDecision) -> None:
+    create_markdown_artifact(
+        decision.markdown(), key=f"monitor-{slug(config.name)}", description="Retrain decision"
+    )
+    create_table_artifact(
+        [
+            {
+                "check": c.name,
+                "value": None if c.value is None else round(c.value, 4),
+                "threshold": c.threshold,
+                "triggered": c.triggered,
+                "detail": c.detail,
+            }
+            for c in decision.checks
+        ],
+        key=f"monitor-checks-{slug(config.name)}",
+        description=decision.summary,
+    )
+
+
+def log_to_mlflow(config: PipelineConfig, decision: RetrainDecision) -> str:
+    run = RunLogger.start(
+        f"{config.registry.experiment}-monitor",
+        run_name=f"monitor-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={
+            "profile": config.name,
+            "model_name": config.registry.model_name,
+            "model_version": decision.model_version or "none",
+            "retrain": str(decision.retrain).lower(),
+            "summary": decision.summary[:5000],
+        },
+    )
+    data = decision.to_dict()
+    figures = {k: data[k] for k in ("service", "feedback", "drift") if data[k]}
+    run.metrics({**figures, "retrain": int(decision.retrain)})
+    run.json(data, "decision.json")
+    run.finish()
+    return run.run_id
+
+
+def emit_retrain_event(config: PipelineConfig, decision: RetrainDecision) -> None:
+    from prefect.events import emit_event
+
+    emit_event(
+        event="flywheel.retrain.triggered",
+        resource={
+            "prefect.resource.id": f"flywheel.model.{config.registry.model_name}",
+            "prefect.resource.name": config.registry.model_name,
+            "flywheel.profile": config.name,
+        },
+        payload={
+            "summary": decision.summary,
+            "model_version": decision.model_version,
+            "reasons": [
+                {"check": c.name, "value": c.value, "threshold": c.threshold, "detail": c.detail}
+                for c in decision.reasons
+            ],
+        },
+    )
+
+
+@flow(name="monitor", log_prints=True)
+def monitor(
+    profile: str = "cpu-small",
+    retrain: RetrainMode = "auto",
+    wait_for_retrain: bool = False,
+) -> dict:
+    """One monitoring cycle: checks -> decision (artifact, MLflow, event) -> retrain."""
+    config = load_profile(profile)
+    path = state_path(config)
+    state = MonitorState.load(path)
+    url = service_url(config)
+    signals = gather(config, state, url)
+    running = running_retrain(f"training-pipeline/{config.name}")
+    if running is None and lock_is_held(config):
+        running = "a retrain is running in-process on this machine"
+    decision = assess(signals, state, config.monitor, retrain_running=running)
+    next_state(state, signals, decision, config.monitor).save(path)
+    publish(config, decision)
+    mlflow_run = log_to_mlflow(config, decision)
+    print(decision.markdown())
+    outcome: dict[str, Any] = {
+        "decision": decision.to_dict(),
+        "mlflow_run_id": mlflow_run,
+        "service_url": url,
+    }
+    if decision.retrain:
+        emit_retrain_event(config, decision)
+        outcome["curated"] = curate_feedback(config, state.last_run_at or 0.0)
+        if retrain != "off":
+            outcome["retrain"] = start_retrain(profile, config, retrain, wait_for_retrain)
+    return outcome
+
+
+def schedule_from_profile(profile: str) -> dict[str, int]:
+    """A `prefect deploy` step: the monitor's interval from the profile, for prefect.yaml."""
+    return {"interval_seconds": round(load_profile(profile).monitor.interval_minutes * 60)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.monitor", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--profile", default="cpu-small")
+    parser.add_argument(
+        "--retrain",
+        choices=["auto", "deployment", "in-process", "off"],
+        default="auto",
+        help="how to retrain when the decision says so (auto: the deployment if it exists)",
+    )
+    parser.add_argument("--wait", action="store_true", help="wait for the retrain to finish")
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    args = parser.parse_args(argv)
+    outcome = monitor(profile=args.profile, retrain=args.retrain, wait_for_retrain=args.wait)
+    if args.json:
+        print(json.dumps(outcome, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
