@@ -137,7 +137,7 @@ def run(profile: str, port: int | None, n_requests: int, keep_serving: bool) -> 
     profile = demo_profile(profile, port)
     config = load_profile(profile)
     url = service_url(config)
-    max_tokens = min(32, config.serve.default_max_new_tokens)
+    max_tokens = min(24, config.serve.default_max_new_tokens)
     print(f"Flywheel demo: profile {config.name}, model {config.registry.model_name}, {url}")
 
     state = state_path(config)
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--port", type=int, default=None, help="serve here (default: the profile's)"
     )
-    parser.add_argument("--requests", type=int, default=40, help="prompts per traffic phase")
+    parser.add_argument("--requests", type=int, default=30, help="prompts per traffic phase")
     parser.add_argument("--keep-serving", action="store_true", help="leave the service running")
     parser.add_argument("--json", type=Path, default=None, help="also write the outcome here")
     args = parser.parse_args(argv)

@@ -110,7 +110,7 @@ def gather(config: PipelineConfig, state: MonitorState, url: str) -> Signals:
 
 
 def running_retrain(deployment: str) -> str | None:
-    """A description of a retrain that is still pending or running, if any."""
+    """A description of a retrain that is still waiting to start or running, if any."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         DeploymentFilter,
@@ -131,7 +131,9 @@ def running_retrain(deployment: str) -> str | None:
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])),
             flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(
-                    type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING])
+                    type=FlowRunFilterStateType(
+                        any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
+                    )
                 )
             ),
             limit=1,
@@ -301,11 +303,6 @@ def monitor(
         if retrain != "off":
             outcome["retrain"] = start_retrain(profile, config, retrain, wait_for_retrain)
     return outcome
-
-
-def schedule_from_profile(profile: str) -> dict[str, int]:
-    """A `prefect deploy` step: the monitor's interval from the profile, for prefect.yaml."""
-    return {"interval_seconds": round(load_profile(profile).monitor.interval_minutes * 60)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,6 +84,8 @@ def annotate(project, request_id: str, verdict: str | None, correction: str | No
     project.client.annotations.create(id=task["id"], result=result, was_cancelled=not verdict)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_review_round_trip_through_label_studio(
     label_studio, prefect_server, tmp_path, monkeypatch
 ):

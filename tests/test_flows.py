@@ -12,15 +12,21 @@ def _deployments() -> list[dict]:
     return yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
 
 
-@pytest.mark.parametrize("deployment", _deployments(), ids=lambda d: d["name"])
+@pytest.mark.parametrize(
+    "deployment", _deployments(), ids=lambda d: f"{d['entrypoint'].split(':')[1]}/{d['name']}"
+)
 def test_every_prefect_yaml_entrypoint_loads(deployment: dict) -> None:
     from prefect.flows import load_flow_from_entrypoint
 
     from components.config import load_profile
 
     flow = load_flow_from_entrypoint(str(REPO_ROOT / deployment["entrypoint"]))
-    assert flow.name == "training-pipeline"
+    assert flow.name in {"training-pipeline", "monitor", "annotation-sync"}
+    assert deployment["entrypoint"].startswith(f"flows/{flow.name.replace('-', '_')}.py:")
     flow.validate_parameters(deployment["parameters"])
+    if flow.name == "monitor":  # scheduled every `monitor.interval_minutes` of its profile
+        interval = deployment["schedules"][0]["interval"]
+        assert interval == load_profile(deployment["name"]).monitor.interval_minutes * 60
     assert load_profile(deployment["parameters"]["profile"]).name == deployment["name"]
     assert deployment["work_pool"]["name"] == "flywheel"
 
@@ -147,3 +153,55 @@ def test_deployment_runs_on_a_flywheel_worker(home, prefect_server) -> None:
     client = MlflowClient()
     champion = client.get_model_version_by_alias("flywheel-llm-tiny", "champion")
     assert champion.tags["profile"] == "tiny"
+
+    # The monitor and annotation deployments; the schedule comes from the profile.
+    from components.config import load_profile
+
+    for name in ("tiny", "cpu-small", "gpu-qlora"):
+        assert f"monitor/{name}" in listed and f"annotation-sync/{name}" in listed
+    with get_client(sync_client=True) as prefect_client:
+        scheduled = prefect_client.read_deployment_by_name("monitor/cpu-small")
+        training = prefect_client.read_deployment_by_name("training-pipeline/tiny")
+    interval = scheduled.schedules[0].schedule.interval.total_seconds()
+    assert interval == load_profile("cpu-small").monitor.interval_minutes * 60
+    assert training.global_concurrency_limit.limit == 1  # two retrains never overlap
+
+    # A monitor run that sees drift and thumbs-down starts a retrain through the deployment.
+    from flows.monitor import monitor, running_retrain
+
+    log_drifting_traffic(str(champion.version))
+    os.environ["FLYWHEEL_SERVICE_URL"] = "http://127.0.0.1:9"  # nothing listens: not judged
+    try:
+        outcome = monitor(profile="tiny")
+    finally:
+        del os.environ["FLYWHEEL_SERVICE_URL"]
+    decision = outcome["decision"]
+    assert decision["retrain"], decision["summary"]
+    reasons = {c["name"] for c in decision["checks"] if c["triggered"]}
+    assert reasons == {"thumbs-down rate", "prompt text drift (AUC)"}
+    assert outcome["retrain"]["how"] == "deployment"
+    with get_client(sync_client=True) as prefect_client:
+        retrains = [r for r in prefect_client.read_flow_runs() if r.deployment_id == training.id]
+    queued = [r for r in retrains if r.name == outcome["retrain"]["flow_run"]]
+    assert queued and queued[0].parameters == {"profile": "tiny", "deploy_if_promoted": True}
+    # The queued retrain is what holds back the next one (see test_monitor for the decision).
+    waiting = running_retrain("training-pipeline/tiny")
+    assert waiting is not None and outcome["retrain"]["flow_run"] in waiting
+
+
+def log_drifting_traffic(version: str) -> None:
+    """40 off-topic prompts answered by `version`, 30 of them rated down."""
+    import time
+
+    from components.inference_store import InferenceRecord, InferenceStore
+    from components.records import read_jsonl
+
+    prompts = [r["prompt"] for r in read_jsonl(REPO_ROOT / "data/seed/drift_prompts.jsonl")]
+    store = InferenceStore()
+    now = time.time()
+    for i, prompt in enumerate(prompts[:40]):
+        store.log(
+            InferenceRecord(f"d{i}", now - 100 + i, version, "generate", prompt, "?", 8, 8, 9.0)
+        )
+        store.add_feedback(f"d{i}", "down" if i < 30 else "up")
+    store.close()

@@ -238,3 +238,19 @@ def test_overload_is_refused_quickly_not_queued_forever(champion_home, tmp_path)
         assert slowest_refusal < 2.0  # refused at once, not after waiting in a queue
     finally:
         service.stop()
+
+
+def test_monitor_reads_the_live_service(served) -> None:
+    """The monitor's scrape of the real service: requests, tokens, and latency buckets fine
+    enough between 10 s and 30 s that a quantile there is not a guess."""
+    from components.monitor import scrape, service_window
+
+    before = scrape(served.url)
+    for _ in range(3):
+        httpx.post(f"{served.url}/generate", json={"prompt": "hi", "max_new_tokens": 4}, timeout=60)
+    window = service_window(before, scrape(served.url))
+    assert window.requests == 3 and window.server_errors == 0
+    assert window.model_version == "1" and window.tokens_per_s > 0
+    assert window.p50_s is not None and window.p50_s < 30
+    bounds = [le for le, _ in scrape(served.url).latency_buckets]
+    assert sum(10 < le < 30 for le in bounds) >= 2

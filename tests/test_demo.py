@@ -1,0 +1,70 @@
+"""`make demo PROFILE=tiny`: the whole loop through a real `bentoml serve`, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, free_port, sqlite_uri
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_make_demo_runs_the_whole_loop_on_tiny(tmp_path: Path) -> None:
+    import httpx
+    from mlflow.tracking import MlflowClient
+
+    home, port = tmp_path / "home", free_port()
+    outcome_path = tmp_path / "outcome.json"
+    env = {
+        **os.environ,
+        "FLYWHEEL_HOME": str(home),
+        "PREFECT_HOME": str(home / "prefect"),
+        "FLYWHEEL_CURATED_DIR": str(tmp_path / "curated"),
+    }
+    for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "LABEL_STUDIO_URL"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [
+            "make",
+            "demo",
+            "PROFILE=tiny",
+            f"DEMO_ARGS=--port {port} --requests 30 --json {outcome_path}",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    outcome = json.loads(outcome_path.read_text())
+
+    # Calm traffic: nothing to do. Shifted traffic: retrain, for the reasons it shows.
+    assert not outcome["first_decision"]["retrain"], outcome["first_decision"]["summary"]
+    second = outcome["second_decision"]
+    assert second["retrain"], second["summary"]
+    reasons = {c["name"] for c in second["checks"] if c["triggered"]}
+    assert {"thumbs-down rate", "prompt text drift (AUC)"} <= reasons
+    assert "decision: RETRAIN" in output and "Where to look" in output
+
+    # The retrain ran with the users' corrections and was judged by the gate.
+    assert outcome["curated"]["new"] > 0
+    summary = outcome["retrain"]["summary"]
+    assert outcome["retrain"]["how"] == "in-process" and summary["version"] == "2"
+    client = MlflowClient(sqlite_uri(home))
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.metrics["data.from_feedback"] == outcome["curated"]["total"]
+    champion = str(client.get_model_version_by_alias("flywheel-llm-tiny", "champion").version)
+    assert champion == ("2" if summary["promoted"] else "1")
+    assert outcome["serving_version"] == champion  # swapped in only if promoted
+
+    # The demo stopped the service it started.
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    assert not (home / "service.pid").exists()
