@@ -100,13 +100,9 @@ def served_version(url: str) -> str:
 
 
 def print_decision(outcome: dict[str, Any]) -> None:
-    decision = outcome["decision"]
-    print(f"    decision: {'RETRAIN' if decision['retrain'] else 'no retrain'}")
-    print(f"    {decision['summary']}")
-    for check in decision["checks"]:
-        value = "n/a" if check["value"] is None else f"{check['value']:.3g}"
-        mark = "!!" if check["triggered"] else "ok"
-        print(f"      [{mark}] {check['name']}: {value} ({check['threshold']}) {check['detail']}")
+    from flows.monitor import describe
+
+    print("\n".join(f"    {line}" for line in describe(outcome["decision"]).splitlines()))
 
 
 def where_to_look(config: PipelineConfig, url: str, label_studio: str | None) -> None:

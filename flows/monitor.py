@@ -291,7 +291,7 @@ def monitor(
     next_state(state, signals, decision, config.monitor).save(path)
     publish(config, decision)
     mlflow_run = log_to_mlflow(config, decision)
-    print(decision.markdown())
+    print(decision.summary)
     outcome: dict[str, Any] = {
         "decision": decision.to_dict(),
         "mlflow_run_id": mlflow_run,
@@ -303,6 +303,21 @@ def monitor(
         if retrain != "off":
             outcome["retrain"] = start_retrain(profile, config, retrain, wait_for_retrain)
     return outcome
+
+
+def describe(decision: dict[str, Any]) -> str:
+    """A decision (as returned by the flow) for the terminal: verdict, then every check."""
+    lines = [
+        f"decision: {'RETRAIN' if decision['retrain'] else 'no retrain'}",
+        decision["summary"],
+    ]
+    for check in decision["checks"]:
+        value = "n/a" if check["value"] is None else f"{check['value']:.3g}"
+        mark = "!!" if check["triggered"] else "ok"
+        lines.append(
+            f"  [{mark}] {check['name']}: {value} ({check['threshold']}) {check['detail']}"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
     args = parser.parse_args(argv)
     outcome = monitor(profile=args.profile, retrain=args.retrain, wait_for_retrain=args.wait)
-    if args.json:
-        print(json.dumps(outcome, indent=1, default=str))
+    print(
+        json.dumps(outcome, indent=1, default=str) if args.json else describe(outcome["decision"])
+    )
     return 0
 
 
