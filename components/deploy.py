@@ -56,8 +56,19 @@ def _auth() -> dict[str, str]:
 
 
 def build_bento(model_name: str, version: str, profile: str) -> str:
-    """`bentoml build`, tagged with the model version; returns the Bento tag."""
+    """`bentoml build`, tagged with the model version; returns the Bento tag.
+
+    A Bento left with the same tag by an earlier build (another home sharing the Bento store,
+    or a rebuild after a code change) is replaced.
+    """
     tag_version = f"{model_name}-v{version}".replace("_", "-")
+    subprocess.run(
+        [sys.executable, "-m", "bentoml", "delete", "--yes", f"flywheel:{tag_version}"],
+        cwd=REPO_ROOT,
+        env=service_env(profile),
+        capture_output=True,
+        timeout=120,
+    )  # fails harmlessly when there is no such Bento
     done = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", "--version", tag_version, "--output", "tag"],
         cwd=REPO_ROOT,

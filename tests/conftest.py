@@ -46,6 +46,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # Set, not deleted: mlflow.set_tracking_uri exports the variable, and only a setenv
     # is undone after the test, so no other test inherits this home's registry.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri(folder))
+    monkeypatch.setenv("FLYWHEEL_CURATED_DIR", str(folder / "curated"))  # not the repo's data/
     return folder
 
 

@@ -25,6 +25,7 @@ def test_make_demo_runs_the_whole_loop_on_tiny(tmp_path: Path) -> None:
         "FLYWHEEL_HOME": str(home),
         "PREFECT_HOME": str(home / "prefect"),
         "FLYWHEEL_CURATED_DIR": str(tmp_path / "curated"),
+        "BENTOML_HOME": str(home / "bentoml"),
     }
     for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "LABEL_STUDIO_URL"):
         env.pop(name, None)

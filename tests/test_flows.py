@@ -178,7 +178,7 @@ def test_deployment_runs_on_a_flywheel_worker(home, prefect_server) -> None:
     decision = outcome["decision"]
     assert decision["retrain"], decision["summary"]
     reasons = {c["name"] for c in decision["checks"] if c["triggered"]}
-    assert reasons == {"thumbs-down rate", "prompt text drift (AUC)"}
+    assert {"thumbs-down rate", "prompt text drift (AUC)"} <= reasons
     assert outcome["retrain"]["how"] == "deployment"
     with get_client(sync_client=True) as prefect_client:
         retrains = [r for r in prefect_client.read_flow_runs() if r.deployment_id == training.id]

@@ -216,7 +216,12 @@ def test_overload_is_refused_quickly_not_queued_forever(champion_home, tmp_path)
     raw["serve"] = {"max_concurrency": 2}
     tight = tmp_path / "tiny-tight.yaml"
     tight.write_text(yaml.safe_dump(raw))
-    service = ServedService(champion_home, env={"FLYWHEEL_PROFILE": str(tight)})
+    # Its own BENTOML_HOME: two services sharing one would share (and on start, wipe) the
+    # Prometheus multiprocess folder, and the other service's /metrics would stop counting.
+    service = ServedService(
+        champion_home,
+        env={"FLYWHEEL_PROFILE": str(tight), "BENTOML_HOME": str(tmp_path / "bentoml")},
+    )
     try:
         service.wait_ready()
 
@@ -247,7 +252,8 @@ def test_monitor_reads_the_live_service(served) -> None:
 
     before = scrape(served.url)
     for _ in range(3):
-        httpx.post(f"{served.url}/generate", json={"prompt": "hi", "max_new_tokens": 4}, timeout=60)
+        answer = httpx.post(f"{served.url}/generate", json={"prompt": "hi", "max_new_tokens": 4})
+        assert answer.status_code == 200, answer.text
     window = service_window(before, scrape(served.url))
     assert window.requests == 3 and window.server_errors == 0
     assert window.model_version == "1" and window.tokens_per_s > 0
