@@ -59,10 +59,6 @@ def curated_versions(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if VERSION_FILE.match(p.name))
 
 
-def curated_request_ids(folder: Path) -> set[str]:
-    return {str(r.get("request_id")) for p in curated_versions(folder) for r in read_jsonl(p)}
-
-
 def feedback_corrections(answers: Iterable[Answer]) -> list[CuratedItem]:
     """Corrections users sent with `/feedback`: the answer they say was right."""
     return [
@@ -83,12 +79,9 @@ def write_curated(
     items: Iterable[CuratedItem], folder: Path, test: list[Example], decontam_ngram: int
 ) -> CurationResult:
     """Write the new, clean items as the next version file; returns what was kept and why not."""
-    seen_requests = curated_request_ids(folder)
-    seen_keys = {
-        Example(instruction=r["instruction"], output=r["output"]).key()
-        for p in curated_versions(folder)
-        for r in read_jsonl(p)
-    }
+    curated = [r for p in curated_versions(folder) for r in read_jsonl(p)]
+    seen_requests = {str(r.get("request_id")) for r in curated}
+    seen_keys = {Example(instruction=r["instruction"], output=r["output"]).key() for r in curated}
     contaminated = Decontaminator(test, decontam_ngram)
     skipped: Counter[str] = Counter()
     pii: Counter[str] = Counter()

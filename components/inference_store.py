@@ -129,6 +129,12 @@ class InferenceStore:
                     kind = column.type.compile(self.engine.dialect)
                     conn.execute(text(f"ALTER TABLE inference ADD COLUMN {column.name} {kind}"))
 
+    def __enter__(self) -> InferenceStore:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def log(self, record: InferenceRecord) -> None:
         """Queue a generation for writing; returns immediately."""
         self._queue.put(record)

@@ -41,11 +41,8 @@ def connect(title: str) -> ReviewProject:
 
 @task
 def push_candidates(project: ReviewProject, config: PipelineConfig, since: float) -> int:
-    store = InferenceStore()
-    try:
+    with InferenceStore() as store:
         answers = store.answers_since(since)
-    finally:
-        store.close()
     candidates = review_candidates(answers, config.monitor.low_confidence)
     return project.push(candidates, config.review.max_tasks_per_sync)
 
@@ -63,11 +60,9 @@ def curate(config: PipelineConfig, items: list[CuratedItem]) -> CurationResult:
 
 @task
 def user_corrections(since: float) -> list[CuratedItem]:
-    store = InferenceStore()
-    try:
+    """Corrections users sent with `/feedback` (rated since `since`)."""
+    with InferenceStore() as store:
         return feedback_corrections(store.answers_since(since, rated=True))
-    finally:
-        store.close()
 
 
 @flow(name="annotation-sync", log_prints=True)

@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from components.config import PipelineConfig, load_profile
-from components.curated import curated_dir, curated_versions, feedback_corrections
+from components.curated import curated_dir, summary
 from components.inference_store import InferenceStore
 from components.monitor import (
     MonitorState,
@@ -39,7 +39,7 @@ from components.monitor import (
 from components.paths import flywheel_home
 from components.records import read_jsonl
 from components.tracking import RunLogger
-from flows.annotation_sync import curate
+from flows.annotation_sync import curate, user_corrections
 from flows.reports import slug
 
 RetrainMode = Literal["auto", "deployment", "in-process", "off"]
@@ -98,13 +98,10 @@ def gather(config: PipelineConfig, state: MonitorState, url: str) -> Signals:
         current = read_metrics(url)
     except ScrapeError as exc:
         unreachable = str(exc)
-    store = InferenceStore()
-    try:
+    with InferenceStore() as store:
         answers = store.answers_since(since, until=now)
         rated = store.answers_since(since, until=now, rated=True)
         rated_before = store.answers_since(0, until=since, rated=True)
-    finally:
-        store.close()
     prompts, champion = reference_prompts(config)
     return Signals(now, current, unreachable, answers, rated, rated_before, prompts, champion)
 
@@ -171,14 +168,9 @@ def lock_is_held(config: PipelineConfig) -> bool:
 @task
 def curate_feedback(config: PipelineConfig, since: float) -> dict[str, Any]:
     """Corrections users sent with `/feedback` join the curated data before a retrain."""
-    store = InferenceStore()
-    try:
-        items = feedback_corrections(store.answers_since(since, rated=True))
-    finally:
-        store.close()
-    result = curate(config, items)
+    result = curate(config, user_corrections(since))
     folder = curated_dir(config.data.feedback_dir)
-    total = sum(len(read_jsonl(p)) for p in curated_versions(folder))
+    total = sum(summary(folder).values())
     return {"new": result.written, "skipped": result.skipped, "total": total, "folder": str(folder)}
 
 
