@@ -53,7 +53,7 @@ $(LABEL_STUDIO_VENV)/.installed:
 labelstudio-setup: $(LABEL_STUDIO_VENV)/.installed
 
 labelstudio: setup labelstudio-setup
-	$(PY) -m components.label_studio_server --port $(LABEL_STUDIO_PORT)
+	$(PY) -m scripts.label_studio_server --port $(LABEL_STUDIO_PORT)
 
 test: setup labelstudio-setup
 	mkdir -p $(PREFECT_HOME)
@@ -61,11 +61,11 @@ test: setup labelstudio-setup
 
 lint: setup
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check components flows service tests benchmarks
+	$(PY) -m ruff format --check components flows service tests benchmarks scripts
 	$(PY) -m mypy
 
 format: setup
-	$(PY) -m ruff format components flows service tests benchmarks
+	$(PY) -m ruff format components flows service tests benchmarks scripts
 	$(PY) -m ruff check --fix .
 
 train: setup
@@ -74,7 +74,7 @@ train: setup
 
 demo: setup
 	mkdir -p $(PREFECT_HOME)
-	$(PY) -m flows.demo --profile $(PROFILE) $(DEMO_ARGS)
+	$(PY) -m scripts.demo --profile $(PROFILE) $(DEMO_ARGS)
 
 monitor: setup
 	mkdir -p $(PREFECT_HOME)

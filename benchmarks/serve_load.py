@@ -16,20 +16,19 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from components.config import profile_path
+from components.config import OVERRIDES_ENV
 from components.paths import REPO_ROOT, flywheel_home
+from components.process import Server
 from components.records import read_jsonl
+from components.serving.deploy import serve_command, service_env
 
 
 def batch_stats(url: str) -> tuple[float, float]:
@@ -95,44 +94,20 @@ async def run_load(
     }
 
 
-def start_service(profile: str, batching: bool, port: int, folder: Path) -> subprocess.Popen:
+def start_service(profile: str, batching: bool, port: int, folder: Path) -> Server:
     """`bentoml serve` with the profile's serve.batching overridden."""
-    raw = yaml.safe_load(profile_path(profile).read_text())
-    raw.setdefault("serve", {})["batching"] = batching
-    variant = folder / f"{raw['name']}-batching-{batching}.yaml"
-    variant.write_text(yaml.safe_dump(raw))
-    env = {
-        **os.environ,
-        "FLYWHEEL_PROFILE": str(variant),
-        "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(flywheel_home() / "bentoml")),
-    }
-    log = (folder / f"service-batching-{batching}.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(port)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    server = Server.start(
+        f"the service (batching {batching})",
+        serve_command(port),
+        f"http://127.0.0.1:{port}/readyz",
+        folder / f"service-batching-{batching}.log",
+        env={
+            **service_env(profile),
+            OVERRIDES_ENV: f"{os.environ.get(OVERRIDES_ENV, '')} serve.batching={batching}".strip(),
+        },
     )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"service exited; see {log.name}")
-        time.sleep(1)
-    raise TimeoutError("service not ready after 300 s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    import signal
-
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=60)
+    server.wait_ready(300)
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,17 +129,17 @@ def main(argv: list[str] | None = None) -> int:
             run_load(args.url, prompts, args.clients, args.duration, args.max_new_tokens)
         )
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            for batching in (True, False):
-                process = start_service(args.profile, batching, args.port, Path(tmp))
-                try:
-                    url = f"http://127.0.0.1:{args.port}"
-                    asyncio.run(run_load(url, prompts, 4, 5, 4))  # warm up
-                    results["batched" if batching else "unbatched"] = asyncio.run(
-                        run_load(url, prompts, args.clients, args.duration, args.max_new_tokens)
-                    )
-                finally:
-                    stop(process)
+        logs = flywheel_home() / "benchmarks" / "logs"
+        for batching in (True, False):
+            process = start_service(args.profile, batching, args.port, logs)
+            try:
+                url = f"http://127.0.0.1:{args.port}"
+                asyncio.run(run_load(url, prompts, 4, 5, 4))  # warm up
+                results["batched" if batching else "unbatched"] = asyncio.run(
+                    run_load(url, prompts, args.clients, args.duration, args.max_new_tokens)
+                )
+            finally:
+                process.stop()
     header = f"{args.clients} clients, {args.duration:.0f}s, {args.max_new_tokens} new tokens"
     print(f"\n{header}\n{'run':<10}" + "".join(f"{k:>16}" for k in next(iter(results.values()))))
     for name, figures in results.items():

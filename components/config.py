@@ -6,8 +6,11 @@ a typo in a profile fails loudly instead of silently falling back to a default.
 
 from __future__ import annotations
 
+import copy
+import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -39,7 +42,8 @@ class SourceConfig(StrictModel):
 class DataConfig(StrictModel):
     sources: list[SourceConfig] = Field(min_length=1)
     test_path: str = "data/seed/test.jsonl"
-    feedback_dir: str | None = "data/curated"
+    # Curated feedback versions; unset: `$FLYWHEEL_HOME/curated` (`FLYWHEEL_CURATED_DIR` wins).
+    feedback_dir: str | None = None
     validation_fraction: float = Field(default=0.1, ge=0.0, lt=0.5)
     max_train_examples: int | None = Field(default=None, gt=0)
     seed: int = 1234
@@ -207,8 +211,43 @@ def parse_profile(raw: dict, source: str = "<profile>") -> PipelineConfig:
         raise ProfileError(f"invalid profile {source}:\n{_describe(exc)}") from None
 
 
-def load_profile(profile: str | Path) -> PipelineConfig:
-    """Read and validate a run profile by name or path."""
+OVERRIDES_ENV = "FLYWHEEL_SET"
+
+
+def env_overrides() -> list[str]:
+    """Settings from `FLYWHEEL_SET` (`"serve.port=3100 serve.batching=false"`), shell-quoted."""
+    import shlex
+
+    return shlex.split(os.environ.get(OVERRIDES_ENV, ""))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of `raw` with `section.key=value` settings applied; values are read as YAML
+    (`3100` is a number, `false` a boolean, `[a, b]` a list). Validation happens afterwards,
+    so a misspelt key is rejected like one in the file."""
+    result = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ProfileError(f"override {item!r}: expected section.key=value")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ProfileError(f"override {item!r}: the value is not valid YAML: {exc}") from None
+        node = result
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ProfileError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = parsed
+    return result
+
+
+def load_profile(profile: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read and validate a run profile by name or path, with `FLYWHEEL_SET` and then
+    `overrides` applied over it."""
     path = profile_path(profile)
     if not path.is_file():
         names = ", ".join(available_profiles())
@@ -219,4 +258,6 @@ def load_profile(profile: str | Path) -> PipelineConfig:
         raise ProfileError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ProfileError(f"{path} must contain a mapping at the top level")
-    return parse_profile(raw, str(path))
+    changes = [*env_overrides(), *overrides]
+    source = f"{path} with {' '.join(changes)}" if changes else str(path)
+    return parse_profile(apply_overrides(raw, changes), source)

@@ -31,3 +31,14 @@ def resolve_path(path: str | Path) -> Path:
     """Resolve a profile path: absolute paths stay, relative ones are taken from the repo root."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else (REPO_ROOT / p).resolve()
+
+
+def local_secret(path: Path) -> str:
+    """A random token kept in `path` (mode 0600), created on first use."""
+    import secrets
+
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(20))
+    return path.read_text().strip()

@@ -19,18 +19,10 @@ from dataclasses import asdict
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from components.annotation import ReviewProject, curated_items, review_candidates
+from components.annotate.review import ReviewProject, curated_items, review_candidates
 from components.config import PipelineConfig, load_profile
-from components.curated import (
-    CuratedItem,
-    CurationResult,
-    curated_dir,
-    feedback_corrections,
-    summary,
-    write_curated,
-)
+from components.data.curated import curate, curated_dir, summary, user_corrections
 from components.inference_store import InferenceStore
-from components.split import load_frozen_test
 from flows.reports import slug
 
 
@@ -47,24 +39,6 @@ def push_candidates(project: ReviewProject, config: PipelineConfig, since: float
     return project.push(candidates, config.review.max_tasks_per_sync)
 
 
-@task
-def curate(config: PipelineConfig, items: list[CuratedItem]) -> CurationResult:
-    """Write the items as the next curated version (deduplicated, scrubbed, test-safe)."""
-    return write_curated(
-        items,
-        curated_dir(config.data.feedback_dir),
-        load_frozen_test(config.data.test_path),
-        config.clean.decontam_ngram,
-    )
-
-
-@task
-def user_corrections(since: float) -> list[CuratedItem]:
-    """Corrections users sent with `/feedback` (rated since `since`)."""
-    with InferenceStore() as store:
-        return feedback_corrections(store.answers_since(since, rated=True))
-
-
 @flow(name="annotation-sync", log_prints=True)
 def annotation_sync(profile: str = "cpu-small", lookback_days: float = 30.0) -> dict:
     """Push answers to review, pull finished reviews, write curated training data."""
@@ -73,7 +47,7 @@ def annotation_sync(profile: str = "cpu-small", lookback_days: float = 30.0) -> 
     project = connect(config.review.project_title)
     pushed = push_candidates(project, config, since)
     items, verdicts = curated_items(project.reviews())
-    result = curate(config, items + user_corrections(since))
+    result = task(curate)(config, items + task(user_corrections)(since))
     folder = curated_dir(config.data.feedback_dir)
     report = {
         "project": project.url,

@@ -7,16 +7,15 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from components.base_model import BaseModelRef
-from components.chat import chat_token_counter
-from components.clean import CleanResult, clean
 from components.config import PipelineConfig
-from components.curated import curated_dir
-from components.finetune import load_tokenizer
-from components.ingest import IngestResult, ingest
+from components.data.clean import CleanResult, clean
+from components.data.curated import curated_dir
+from components.data.ingest import IngestResult, ingest
+from components.data.split import SplitResult, load_frozen_test, split
+from components.model.base_model import BaseModelRef
+from components.model.chat import chat_token_counter, load_tokenizer
 from components.records import load_examples
-from components.split import SplitResult, load_frozen_test, split
-from components.tracking import RunLogger
+from components.registry.tracking import RunLogger
 from flows.reports import publish_data_report
 
 
@@ -29,8 +28,7 @@ class PreparedData:
 
 @task(retries=2, retry_delay_seconds=[2, 10])
 def ingest_sources(config: PipelineConfig, out_dir: Path) -> IngestResult:
-    feedback = config.data.feedback_dir and str(curated_dir(config.data.feedback_dir))
-    return ingest(config.data.sources, out_dir, feedback)
+    return ingest(config.data.sources, out_dir, str(curated_dir(config.data.feedback_dir)))
 
 
 @task

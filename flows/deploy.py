@@ -1,4 +1,4 @@
-"""Deploy flow: Bento for a model version, start or hot-swap the service, smoke test,
+"""Deploy flow: start or hot-swap the service to a model version, smoke test,
 and on any failure restore the previous champion and serving model, failing the run.
 
     python -m flows.deploy --model flywheel-llm --version 3 --profile cpu-small
@@ -13,13 +13,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components.config import load_profile
-from components.deploy import DeployError, DeployResult, build_bento, roll_back, roll_out
-from components.deploy import smoke_test as run_smoke_test
-
-
-@task(retries=2, retry_delay_seconds=[5, 15])
-def build(model_name: str, version: str, profile: str) -> str:
-    return build_bento(model_name, version, profile)
+from components.serving.deploy import DeployError, DeployResult, roll_back, roll_out
+from components.serving.deploy import smoke_test as run_smoke_test
 
 
 @task
@@ -48,7 +43,6 @@ def deploy(
     """Serve `model_name` version `version`; roll back to `previous_champion` on failure."""
     port = port or load_profile(profile).serve.port
     url, action = f"http://127.0.0.1:{port}", "swapped"
-    tag = build(model_name, version, profile)
     try:
         url, action = release(model_name, version, profile, port)
         latency = smoke(url, version)
@@ -60,9 +54,9 @@ def deploy(
             description="Deploy and rollback",
         )
         raise DeployError(f"{exc}; {restored}") from None
-    result = DeployResult(model_name, version, url, action, tag, latency)
+    result = DeployResult(model_name, version, url, action, latency)
     create_markdown_artifact(
-        f"## {model_name} v{version} is serving\n- {action} at {url}\n- Bento `{tag}`\n"
+        f"## {model_name} v{version} is serving\n- {action} at {url}\n"
         f"- smoke test: one generation in {latency:.0f} ms",
         key="deploy",
         description="Deploy and rollback",

@@ -7,12 +7,12 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from components.base_model import BaseModelRef
 from components.config import PipelineConfig
-from components.evaluation import EvalResult, ModelSpec, evaluate_models
+from components.evaluate.evaluation import EvalResult, ModelSpec, evaluate_models
+from components.model.base_model import BaseModelRef
 from components.records import load_examples, read_jsonl
-from components.register import current_champion, download_version
-from components.tracking import RunLogger
+from components.registry.register import current_champion, download_version
+from components.registry.tracking import RunLogger
 from flows.reports import publish_eval_report
 
 

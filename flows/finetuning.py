@@ -6,10 +6,10 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from components.base_model import BaseModelRef
 from components.config import PipelineConfig
-from components.finetune import FinetuneResult, finetune
-from components.tracking import RunLogger
+from components.model.base_model import BaseModelRef
+from components.registry.tracking import RunLogger
+from components.train.finetune import FinetuneResult, finetune
 
 
 @task(retries=1)  # a retry resumes from the last checkpoint instead of starting over

@@ -24,22 +24,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from components.config import PipelineConfig, load_profile
-from components.curated import curated_dir, summary
+from components.data.curated import curate, curated_dir, summary, user_corrections
 from components.inference_store import InferenceStore
-from components.monitor import (
-    MonitorState,
-    RetrainDecision,
-    Scrape,
-    ScrapeError,
-    Signals,
-    assess,
-    next_state,
-    scrape,
-)
+from components.monitor.decision import RetrainDecision, Signals, assess, next_state
+from components.monitor.scrape import Scrape, ScrapeError, scrape
+from components.monitor.state import MonitorState
 from components.paths import flywheel_home
 from components.records import read_jsonl
-from components.tracking import RunLogger
-from flows.annotation_sync import curate, user_corrections
+from components.registry.tracking import RunLogger
 from flows.reports import slug
 
 RetrainMode = Literal["auto", "deployment", "in-process", "off"]
@@ -68,8 +60,8 @@ def reference_prompts(config: PipelineConfig) -> tuple[list[str], str | None]:
     """The champion's training prompts (logged with its run), and the champion's version."""
     import mlflow
 
-    from components.register import current_champion
-    from components.tracking import configure_mlflow
+    from components.registry.register import current_champion
+    from components.registry.tracking import configure_mlflow
 
     configure_mlflow()
     champion = current_champion(config.registry.model_name)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from components.base_model import BaseModelRef
-from components.evaluation import EvalResult
+from components.evaluate.evaluation import EvalResult
+from components.model.base_model import BaseModelRef
 from components.paths import tracking_uri
-from components.register import RegisterResult, register_candidate
-from components.tracking import RunLogger
+from components.registry.register import RegisterResult, register_candidate
+from components.registry.tracking import RunLogger
 from flows.reports import publish_gate_report
 
 

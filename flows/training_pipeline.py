@@ -20,10 +20,10 @@ from typing import Any
 
 from prefect import flow, task
 
-from components.base_model import BaseModelRef, resolve_base_model
 from components.config import PipelineConfig, SourceConfig, load_profile, profile_path
+from components.model.base_model import BaseModelRef, resolve_base_model
 from components.paths import flywheel_home, tracking_uri
-from components.tracking import RunLogger, git_commit
+from components.registry.tracking import RunLogger, git_commit
 from flows.data_prep import data_prep
 from flows.deploy import deploy
 from flows.evaluation import evaluate_stage
@@ -59,8 +59,13 @@ def with_extra_sources(config: PipelineConfig, extra_sources: list[str]) -> Pipe
 
 
 def finetune_dir(config: PipelineConfig, data_hash: str) -> Path:
-    """Same config and data -> same folder, so a killed run resumes where it stopped."""
-    key = hashlib.sha256((config.model_dump_json() + data_hash).encode()).hexdigest()[:12]
+    """Same training inputs -> same folder, so a killed run resumes where it stopped.
+
+    Keyed by what changes the trained weights (base model, LoRA, quantization, training
+    settings and the training data), not by serve, monitor or eval settings."""
+    training = [config.model, config.lora, config.quantization, config.train]
+    text = "".join(part.model_dump_json() for part in training) + data_hash
+    key = hashlib.sha256(text.encode()).hexdigest()[:12]
     return flywheel_home() / "runs" / config.name / f"finetune-{key}"
 
 

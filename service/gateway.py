@@ -22,7 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from components.api_schema import (
+from components.config import ServeConfig
+from components.inference_store import InferenceRecord, InferenceStore, UnknownRequest
+from components.serving.api import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -35,10 +37,8 @@ from components.api_schema import (
     sse,
     text_completion,
 )
-from components.clean import scrub_pii
-from components.config import ServeConfig
-from components.inference_store import InferenceRecord, InferenceStore, UnknownRequest
-from components.serving import GenerationInput, GenerationOutput, serving_profile
+from components.serving.model import GenerationInput, GenerationOutput, serving_profile
+from components.text import scrub_pii
 
 log = logging.getLogger("flywheel.service")
 

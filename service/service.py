@@ -20,7 +20,7 @@ import bentoml
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from components.serving import GenerationInput, GenerationOutput, serve_settings
+from components.serving.model import GenerationInput, GenerationOutput, serve_settings
 from service.gateway import Gateway, ModelVersionHeader, install_error_handlers, playground_html
 
 SETTINGS = serve_settings()  # the decorators below need the limits when the class is defined
@@ -33,7 +33,7 @@ class Generator:
     """The model: batched generation, streaming, and hot swap to another version."""
 
     def __init__(self) -> None:
-        from components.serving import ServedModel, default_model_uri
+        from components.serving.model import ServedModel, default_model_uri
 
         self.served = ServedModel.from_uri(default_model_uri(), warmup=SETTINGS.warmup)
 
@@ -49,7 +49,7 @@ class Generator:
     async def stream(self, item: GenerationInput) -> AsyncGenerator[str, None]:
         import anyio
 
-        from components.serving import stream_input
+        from components.serving.model import stream_input
 
         pieces = stream_input(self.served.current, item)
         while (output := await anyio.to_thread.run_sync(next, pieces, None)) is not None:

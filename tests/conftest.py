@@ -57,15 +57,15 @@ def sqlite_uri(home: Path) -> str:
 @pytest.fixture(scope="session")
 def tiny_base():
     """The tiny random Llama with the real SmolLM2 tokenizer, built once per cache."""
-    from components.base_model import resolve_base_model
     from components.config import ModelConfig
+    from components.model.base_model import resolve_base_model
 
     return resolve_base_model(ModelConfig(base_model="tiny-random-llama"))
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_base):
-    from components.finetune import load_tokenizer
+    from components.model.chat import load_tokenizer
 
     return load_tokenizer(tiny_base.path)
 
@@ -96,11 +96,11 @@ def free_port() -> int:
 
 def register_tiny_champion(home: Path, tiny_base, tiny_config) -> str:
     """Train a 2-step tiny adapter and register it as champion in `home`; returns its folder."""
-    from components.evaluation import Comparison
-    from components.finetune import finetune
+    from components.evaluate.evaluation import Comparison
     from components.records import Example, save_examples
-    from components.register import register_candidate
-    from components.tracking import RunLogger
+    from components.registry.register import register_candidate
+    from components.registry.tracking import RunLogger
+    from components.train.finetune import finetune
 
     work = home / "work"
     save_examples(
@@ -122,8 +122,8 @@ class ServedService:
     """A real `bentoml serve` of the repository's service in a subprocess."""
 
     def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
-        import subprocess
-        import sys
+        from components.process import Server
+        from components.serving.deploy import serve_command
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -137,41 +137,16 @@ class ServedService:
             "BENTOML_DO_NOT_TRACK": "true",
             **(env or {}),
         }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(self.port)],
-            cwd=REPO_ROOT,
-            env=self.env,
-            stdout=self.log_path.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.server = Server.start(
+            "bentoml serve", serve_command(self.port), f"{self.url}/readyz", self.log_path, self.env
         )
+        self.process = self.server.process
 
     def wait_ready(self, timeout: float = 180) -> None:
-        import time
+        self.server.wait_ready(timeout)
 
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("bentoml serve exited:\n" + self.log_path.read_text()[-3000:])
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("service not ready:\n" + self.log_path.read_text()[-3000:])
-
-    def stop(self) -> None:
-        import signal
-
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # graceful: the store drains its queue
-            try:
-                self.process.wait(timeout=30)
-            except Exception:
-                os.killpg(self.process.pid, signal.SIGKILL)
+    def stop(self) -> int | None:
+        return self.server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ the API as a reviewer would, pull, and check the curated file."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ TEST_PROMPT = read_jsonl(REPO / "data/seed/test.jsonl")[0]["instruction"]
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory):
     """A real Label Studio server with a fresh data folder, started as `make labelstudio` does."""
-    from components import label_studio_server as server
+    from scripts import label_studio_server as server
 
     home = tmp_path_factory.mktemp("ls-home")
     port = free_port()
@@ -29,13 +28,10 @@ def label_studio(tmp_path_factory):
         patch.setenv("LABEL_STUDIO_URL", f"http://127.0.0.1:{port}")
         process = server.start(port, home / "labelstudio.log")
         try:
-            server.wait_ready(f"http://127.0.0.1:{port}", process)
+            process.wait_ready(timeout=240)
             yield home
         finally:
-            import signal
-
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
+            process.stop()
 
 
 def log_answers(home: Path) -> None:
@@ -89,7 +85,7 @@ def annotate(project, request_id: str, verdict: str | None, correction: str | No
 def test_review_round_trip_through_label_studio(
     label_studio, prefect_server, tmp_path, monkeypatch
 ):
-    from components.annotation import ReviewProject
+    from components.annotate.review import ReviewProject
     from flows.annotation_sync import annotation_sync
 
     monkeypatch.setenv("FLYWHEEL_CURATED_DIR", str(tmp_path / "curated"))
@@ -144,8 +140,8 @@ def test_review_round_trip_through_label_studio(
 
 def test_curated_examples_are_ingested_as_feedback(tmp_path, monkeypatch):
     from components.config import SourceConfig
-    from components.curated import CuratedItem, write_curated
-    from components.ingest import ingest
+    from components.data.curated import CuratedItem, write_curated
+    from components.data.ingest import ingest
 
     folder = tmp_path / "curated"
     item = CuratedItem(

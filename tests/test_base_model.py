@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from components.base_model import SMOLLM2, resolve_base_model, weights_sha256
 from components.config import ModelConfig
+from components.model.base_model import SMOLLM2, resolve_base_model, weights_sha256
 
 
 def test_unknown_base_model_is_a_clear_error() -> None:
@@ -30,7 +30,7 @@ def test_packaged_smollm2_converts_to_an_ordinary_folder_and_answers() -> None:
     """The default base model: real SmolLM2-135M-Instruct from the package, no hub."""
     from transformers import AutoModelForCausalLM
 
-    from components.generation import generate_chat, load_for_inference
+    from components.model.generation import generate_chat, load_for_inference
 
     ref = resolve_base_model(ModelConfig(base_model=SMOLLM2))
     folder = Path(ref.path)

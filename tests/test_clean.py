@@ -3,17 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from components.chat import chat_token_counter
-from components.clean import (
-    FILTERS,
-    Decontaminator,
-    clean,
-    luhn_valid,
-    normalize_text,
-    scrub_pii,
-)
 from components.config import CleanConfig
+from components.data.clean import FILTERS, clean
+from components.model.chat import chat_token_counter
 from components.records import Example, read_jsonl
+from components.text import Decontaminator, luhn_valid, normalize_text, scrub_pii
 
 
 def ex(instruction: str, output: str = "An answer that is long enough.") -> Example:
@@ -120,9 +114,9 @@ def test_clean_runs_every_filter_and_reports(tmp_path: Path, tokenizer) -> None:
 
 def test_seed_data_is_large_enough_and_clean(tmp_path: Path, tokenizer, tiny_config) -> None:
     """The data suite: the shipped seed data meets its promises after the real cleaning."""
-    from components.ingest import ingest
+    from components.data.ingest import ingest
+    from components.data.split import load_frozen_test
     from components.records import load_examples
-    from components.split import load_frozen_test
 
     ingested = ingest(tiny_config.data.sources, tmp_path / "in")
     assert ingested.quarantined == 0

@@ -6,10 +6,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components.deploy import DeployError, stop_service
-from components.evaluation import Comparison
-from components.register import CHAMPION, register_candidate
-from components.tracking import RunLogger
+from components.evaluate.evaluation import Comparison
+from components.registry.register import CHAMPION, register_candidate
+from components.registry.tracking import RunLogger
+from components.serving.deploy import DeployError, stop_service
 from tests.conftest import free_port, register_tiny_champion
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

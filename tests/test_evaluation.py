@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from components.evaluation import (
+from components.evaluate.evaluation import (
     HIGHER_IS_BETTER,
     METRICS,
     bootstrap_indices,
@@ -10,7 +10,7 @@ from components.evaluation import (
     per_example_scores,
     summarize,
 )
-from components.metrics import load_metric
+from components.evaluate.metrics import load_metric
 
 REFS = [f"Run make test number {i} from the repository root." for i in range(40)]
 GOOD = list(REFS)
@@ -65,9 +65,9 @@ def test_identical_models_are_not_called_better() -> None:
 
 @pytest.mark.slow
 def test_evaluate_models_end_to_end_on_tiny_model(tmp_path, tiny_base, tiny_config) -> None:
-    from components.evaluation import ModelSpec, evaluate_models
+    from components.data.split import load_frozen_test
+    from components.evaluate.evaluation import ModelSpec, evaluate_models
     from components.records import read_jsonl
-    from components.split import load_frozen_test
 
     examples = load_frozen_test(tiny_config.data.test_path)
     result = evaluate_models(

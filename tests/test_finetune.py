@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from components.chat import IGNORE_INDEX, prompt_ids, tokenize_for_training
+from components.model.chat import IGNORE_INDEX, prompt_ids, tokenize_for_training
 from components.records import Example, save_examples
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def test_lora_trains_adapters_and_leaves_base_frozen(
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from components.finetune import finetune
+    from components.train.finetune import finetune
 
     base_before = load_file(str(Path(tiny_base.path) / "model.safetensors"))
     result = finetune(tiny_config, tiny_base, train_file, None, tmp_path / "ft")
@@ -72,7 +72,7 @@ def test_lora_trains_adapters_and_leaves_base_frozen(
 
 
 def test_qlora_path_runs_on_cpu_in_float32(tmp_path, train_file, tiny_base, tiny_config) -> None:
-    from components.finetune import finetune
+    from components.train.finetune import finetune
 
     config = tiny_config.model_copy(
         update={
@@ -90,9 +90,9 @@ def test_qlora_path_runs_on_cpu_in_float32(tmp_path, train_file, tiny_base, tiny
 
 @pytest.mark.gpu
 def test_gpu_qlora_profile_trains_in_bf16(tmp_path, train_file) -> None:
-    from components.base_model import resolve_base_model
     from components.config import load_profile
-    from components.finetune import finetune
+    from components.model.base_model import resolve_base_model
+    from components.train.finetune import finetune
 
     config = load_profile("gpu-qlora")
     config = config.model_copy(
@@ -108,7 +108,7 @@ def test_killed_run_resumes_from_last_checkpoint(
     tmp_path, train_file, tiny_base, tiny_config
 ) -> None:
     """SIGKILL a real training process after its first checkpoint, then run again."""
-    from components.finetune import finetune
+    from components.train.finetune import finetune
 
     config = tiny_config.model_copy(
         update={
@@ -120,9 +120,9 @@ def test_killed_run_resumes_from_last_checkpoint(
     output = tmp_path / "ft"
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from components.base_model import BaseModelRef
+        from components.model.base_model import BaseModelRef
         from components.config import PipelineConfig
-        from components.finetune import finetune
+        from components.train.finetune import finetune
         config = PipelineConfig.model_validate_json({config.model_dump_json()!r})
         base = BaseModelRef(**{tiny_base.to_dict()!r})
         finetune(config, base, {train_file!r}, None, Path({str(output)!r}))
@@ -155,7 +155,7 @@ def test_killed_run_resumes_from_last_checkpoint(
 
 
 def test_partial_checkpoint_is_skipped_and_removed(tmp_path) -> None:
-    from components.finetune import last_complete_checkpoint
+    from components.train.finetune import last_complete_checkpoint
 
     for step, complete in ((2, True), (4, True), (6, False)):
         folder = tmp_path / f"checkpoint-{step}"

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from components.config import SourceConfig
-from components.ingest import NoValidRecords, detect_format, ingest, to_example
+from components.data.ingest import NoValidRecords, detect_format, ingest, to_example
 from components.records import load_examples, read_jsonl
 
 ALPACA = {"instruction": "How do I run the tests?", "input": "", "output": "Run make test."}

@@ -15,16 +15,9 @@ import pytest
 
 from components.config import MonitorConfig
 from components.inference_store import Answer
-from components.monitor import (
-    MonitorState,
-    Scrape,
-    Signals,
-    assess,
-    histogram_quantile,
-    next_state,
-    parse_metrics,
-    service_window,
-)
+from components.monitor.decision import Signals, assess, next_state
+from components.monitor.scrape import Scrape, histogram_quantile, parse_metrics, service_window
+from components.monitor.state import MonitorState
 from components.records import read_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures" / "monitor"

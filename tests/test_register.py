@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from components.evaluation import Comparison
-from components.register import (
+from components.evaluate.evaluation import Comparison
+from components.registry.register import (
     CHALLENGER,
     CHAMPION,
     current_champion,
@@ -12,7 +12,7 @@ from components.register import (
     download_version,
     register_candidate,
 )
-from components.tracking import RunLogger
+from components.registry.tracking import RunLogger
 
 BETTER = Comparison(
     metric="rouge_l",
@@ -32,8 +32,8 @@ TAGS = {"profile": "tiny", "dataset_hash": "abc", "git_commit": "deadbeef"}
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, tiny_base, tiny_config) -> str:
-    from components.finetune import finetune
     from components.records import Example, save_examples
+    from components.train.finetune import finetune
 
     folder = tmp_path_factory.mktemp("adapter")
     save_examples(

@@ -207,20 +207,13 @@ def test_playground_page_is_served(served) -> None:
 def test_overload_is_refused_quickly_not_queued_forever(champion_home, tmp_path) -> None:
     import time
 
-    import yaml
-
-    from components.config import profile_path
     from tests.conftest import ServedService
 
-    raw = yaml.safe_load(profile_path("tiny").read_text())
-    raw["serve"] = {"max_concurrency": 2}
-    tight = tmp_path / "tiny-tight.yaml"
-    tight.write_text(yaml.safe_dump(raw))
     # Its own BENTOML_HOME: two services sharing one would share (and on start, wipe) the
     # Prometheus multiprocess folder, and the other service's /metrics would stop counting.
     service = ServedService(
         champion_home,
-        env={"FLYWHEEL_PROFILE": str(tight), "BENTOML_HOME": str(tmp_path / "bentoml")},
+        env={"FLYWHEEL_SET": "serve.max_concurrency=2", "BENTOML_HOME": str(tmp_path / "bentoml")},
     )
     try:
         service.wait_ready()
@@ -248,7 +241,7 @@ def test_overload_is_refused_quickly_not_queued_forever(champion_home, tmp_path)
 def test_monitor_reads_the_live_service(served) -> None:
     """The monitor's scrape of the real service: requests, tokens, and latency buckets fine
     enough between 10 s and 30 s that a quantile there is not a guess."""
-    from components.monitor import scrape, service_window
+    from components.monitor.scrape import scrape, service_window
 
     before = scrape(served.url)
     for _ in range(3):

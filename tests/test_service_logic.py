@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from components.generation import GenerationRequest, generate_requests, group_requests
 from components.inference_store import InferenceRecord, InferenceStore, UnknownRequest
+from components.model.generation import GenerationRequest, generate_requests, group_requests
 
 
 def req(max_new_tokens: int, temperature: float = 0.0, stop: tuple = ()) -> GenerationRequest:
@@ -25,7 +25,7 @@ def test_short_requests_are_not_grouped_with_long_ones() -> None:
 
 
 def test_each_request_keeps_its_own_token_limit(tiny_base) -> None:
-    from components.generation import load_for_inference
+    from components.model.generation import load_for_inference
 
     model, tokenizer = load_for_inference(tiny_base.path)
     results = generate_requests(model, tokenizer, [req(3), req(5), req(8)])
@@ -38,7 +38,7 @@ def test_confidence_is_the_models_own_token_probability(tiny_base) -> None:
 
     import torch
 
-    from components.generation import load_for_inference
+    from components.model.generation import load_for_inference
 
     model, tokenizer = load_for_inference(tiny_base.path)
     request = req(6)
@@ -60,7 +60,7 @@ def test_confidence_is_the_models_own_token_probability(tiny_base) -> None:
 def test_stop_strings_end_only_their_own_row(tokenizer) -> None:
     import torch
 
-    from components.generation import _row_limits, _truncate_at_stop
+    from components.model.generation import _row_limits, _truncate_at_stop
 
     prompt = tokenizer("Q:", add_special_tokens=False)["input_ids"]
     answer = tokenizer(" run make test then stop", add_special_tokens=False)["input_ids"]
@@ -152,7 +152,7 @@ class LocalGenerator:
         return {"name": current.name, "version": current.version}
 
     async def stream(self, item):
-        from components.serving import stream_input
+        from components.serving.model import stream_input
 
         for output in stream_input(self.served.current, item):
             yield output.model_dump_json() + "\n"
@@ -167,7 +167,7 @@ def client_for(champion_home, monkeypatch):
     monkeypatch.setenv("FLYWHEEL_HOME", str(champion_home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{champion_home / 'mlflow.db'}")
     monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
-    from components.serving import ServedModel, default_model_uri, serve_settings
+    from components.serving.model import ServedModel, default_model_uri, serve_settings
     from service.gateway import Gateway
     from service.service import app
 

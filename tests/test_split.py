@@ -1,8 +1,8 @@
 from pathlib import Path
 
 from components.config import DataConfig, SourceConfig
+from components.data.split import assign_validation, split
 from components.records import Example, load_examples
-from components.split import assign_validation, split
 
 
 def _examples(n: int, prefix: str = "q") -> list[Example]:

@@ -1,4 +1,5 @@
-"""Turning examples into token ids with the base model's chat template."""
+"""The tokenizer and its chat template: loading, rendering a conversation, and turning
+examples into token ids for training."""
 
 from __future__ import annotations
 
@@ -47,3 +48,21 @@ def chat_token_counter(tokenizer: Any):
         return len(_ids(tokenizer.apply_chat_template(example.messages(), tokenize=True)))
 
     return count
+
+
+def load_tokenizer(path: str, padding_side: str = "right") -> Any:
+    """The base model's tokenizer, with a pad token and the requested padding side."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"tokenizer at {path} has no chat template; choose an instruct model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The templated prompt text, ending where the assistant's answer starts."""
+    return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))

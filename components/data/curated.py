@@ -1,8 +1,8 @@
 """Curated examples: answers people reviewed (Label Studio) or corrected (`/feedback`).
 
 Each sync that finds something new writes one more version file, `NNNN-<source>.jsonl`, into
-the curated folder (`data.feedback_dir` of the profile, `data/curated` by default;
-`FLYWHEEL_CURATED_DIR` overrides it). Files are never rewritten, so every training run's
+the curated folder (`data.feedback_dir` of the profile, `$FLYWHEEL_HOME/curated` by default;
+`FLYWHEEL_CURATED_DIR` overrides both). Files are never rewritten, so every training run's
 data can be traced back to the versions it read. Before writing, each example is normalised,
 PII-scrubbed, dropped if it repeats a request or an example already curated, and dropped if
 its prompt overlaps the frozen test split, so feedback can never leak the test set into
@@ -18,9 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components.clean import Decontaminator, normalize_text, scrub_pii
+from components.config import PipelineConfig
 from components.inference_store import Answer
 from components.records import Example, read_jsonl, write_jsonl
+from components.text import Decontaminator, normalize_text, scrub_pii
 
 VERSION_FILE = re.compile(r"^(\d{4})-[\w-]+\.jsonl$")
 
@@ -46,11 +47,12 @@ class CurationResult:
 
 
 def curated_dir(feedback_dir: str | None) -> Path:
-    """Where curated versions live: `FLYWHEEL_CURATED_DIR`, else the profile's folder."""
-    from components.paths import resolve_path
+    """Where curated versions live: `FLYWHEEL_CURATED_DIR`, else the profile's folder, else
+    `$FLYWHEEL_HOME/curated` (state, so `make clean` removes it with everything else)."""
+    from components.paths import flywheel_home, resolve_path
 
-    chosen = os.environ.get("FLYWHEEL_CURATED_DIR") or feedback_dir or "data/curated"
-    return resolve_path(chosen)
+    chosen = os.environ.get("FLYWHEEL_CURATED_DIR") or feedback_dir
+    return resolve_path(chosen) if chosen else flywheel_home() / "curated"
 
 
 def curated_versions(folder: Path) -> list[Path]:
@@ -122,3 +124,23 @@ def write_curated(
 def summary(folder: Path) -> dict[str, int]:
     """Examples per version file, for reports."""
     return {p.name: len(read_jsonl(p)) for p in curated_versions(folder)}
+
+
+def curate(config: PipelineConfig, items: Iterable[CuratedItem]) -> CurationResult:
+    """Write the items as the profile's next curated version (deduplicated, scrubbed, test-safe)."""
+    from components.data.split import load_frozen_test
+
+    return write_curated(
+        items,
+        curated_dir(config.data.feedback_dir),
+        load_frozen_test(config.data.test_path),
+        config.clean.decontam_ngram,
+    )
+
+
+def user_corrections(since: float) -> list[CuratedItem]:
+    """Corrections users sent with `/feedback` (rated since `since`), from the inference store."""
+    from components.inference_store import InferenceStore
+
+    with InferenceStore() as store:
+        return feedback_corrections(store.answers_since(since, rated=True))

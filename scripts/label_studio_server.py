@@ -6,20 +6,19 @@ under `$FLYWHEEL_HOME/labelstudio`. The token is `LABEL_STUDIO_API_KEY` if set, 
 generated once and kept in `$FLYWHEEL_HOME/labelstudio/token`; Label Studio only takes it on a
 fresh data folder, so the token file and the folder are created together.
 
-    python -m components.label_studio_server --port 8080     # what `make labelstudio` runs
+    python -m scripts.label_studio_server --port 8080     # what `make labelstudio` runs
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from components.paths import REPO_ROOT, flywheel_home
+from components.paths import REPO_ROOT, flywheel_home, local_secret
+from components.process import Server
 
 VENV = REPO_ROOT / ".venv-labelstudio"
 USERNAME = "reviewer@flywheel.local"
@@ -31,14 +30,7 @@ def data_dir() -> Path:
 
 def api_token() -> str:
     """`LABEL_STUDIO_API_KEY`, else the local server's token (created on first use)."""
-    if token := os.environ.get("LABEL_STUDIO_API_KEY"):
-        return token
-    path = data_dir() / "token"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(20))
-        path.chmod(0o600)
-    return path.read_text().strip()
+    return os.environ.get("LABEL_STUDIO_API_KEY") or local_secret(data_dir() / "token")
 
 
 def command(port: int, folder: Path, token: str, password: str) -> list[str]:
@@ -82,38 +74,21 @@ def password() -> str:
     return os.environ.get("LABEL_STUDIO_PASSWORD") or api_token()
 
 
-def start(port: int, log_path: Path) -> subprocess.Popen:
-    """Start the server in the background; `wait_ready` before using it."""
+def start(port: int, log_path: Path) -> Server:
+    """Start the server in the background; `wait_ready()` on the result before using it."""
     folder = data_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(
+    return Server.start(
+        "Label Studio",
         command(port, folder, api_token(), password()),
+        f"http://127.0.0.1:{port}/health/",
+        log_path,
         env=environment(),
-        stdout=log_path.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
     )
 
 
-def wait_ready(url: str, process: subprocess.Popen | None = None, timeout: float = 240) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"Label Studio exited with code {process.returncode}")
-        try:
-            if httpx.get(f"{url}/health/", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"Label Studio did not answer {url}/health/ within {timeout:.0f} s")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m components.label_studio_server")
+    parser = argparse.ArgumentParser(prog="python -m scripts.label_studio_server")
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)
     folder = data_dir()

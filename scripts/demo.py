@@ -21,11 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from components.config import PipelineConfig, load_profile, profile_path
+from components.config import OVERRIDES_ENV, PipelineConfig, load_profile
 from components.records import read_jsonl
-from components.traffic import rate, send
+from scripts.traffic import rate, send
 
 SCOPE_REPLY = (
     "I can only help with Flywheel: preparing data, fine-tuning, evaluating, serving and "
@@ -40,21 +38,6 @@ def step(number: int, text: str) -> float:
 
 def done(started: float, text: str = "") -> None:
     print(f"    ... {text}{' ' if text else ''}({time.perf_counter() - started:.0f} s)", flush=True)
-
-
-def demo_profile(profile: str, port: int | None) -> str:
-    """The profile, or a copy of it serving on another port (kept under the home folder)."""
-    config = load_profile(profile)
-    if port is None or port == config.serve.port:
-        return profile
-    from components.paths import flywheel_home
-
-    raw = yaml.safe_load(profile_path(profile).read_text(encoding="utf-8"))
-    raw.setdefault("serve", {})["port"] = port
-    path = flywheel_home() / "demo" / f"{config.name}-port{port}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    return str(path)
 
 
 def in_domain_prompts(config: PipelineConfig, n: int, seed: int) -> list[str]:
@@ -78,8 +61,8 @@ def off_topic_prompts(n: int, seed: int) -> list[str]:
 
 
 def champion_or_train(profile: str, config: PipelineConfig) -> tuple[str, bool]:
-    from components.register import current_champion
-    from components.tracking import configure_mlflow
+    from components.registry.register import current_champion
+    from components.registry.tracking import configure_mlflow
     from flows.training_pipeline import training_pipeline
 
     configure_mlflow()
@@ -123,14 +106,13 @@ def where_to_look(config: PipelineConfig, url: str, label_studio: str | None) ->
     print(f"    state:         {flywheel_home()}")
 
 
-def run(profile: str, port: int | None, n_requests: int, keep_serving: bool) -> dict[str, Any]:
-    from components.deploy import stop_service
+def run(profile: str, n_requests: int, keep_serving: bool) -> dict[str, Any]:
+    from components.serving.deploy import stop_service
     from flows.annotation_sync import annotation_sync
     from flows.deploy import deploy
     from flows.monitor import monitor, service_url, state_path
 
     began = time.perf_counter()
-    profile = demo_profile(profile, port)
     config = load_profile(profile)
     url = service_url(config)
     max_tokens = min(24, config.serve.default_max_new_tokens)
@@ -208,7 +190,7 @@ def run(profile: str, port: int | None, n_requests: int, keep_serving: bool) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m flows.demo", description=__doc__.split("\n")[0]
+        prog="python -m scripts.demo", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--profile", default="cpu-small")
     parser.add_argument(
@@ -218,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-serving", action="store_true", help="leave the service running")
     parser.add_argument("--json", type=Path, default=None, help="also write the outcome here")
     args = parser.parse_args(argv)
-    outcome = run(args.profile, args.port, args.requests, args.keep_serving)
+    if args.port is not None:  # every stage of the demo, in this process and its children
+        settings = os.environ.get(OVERRIDES_ENV, "")
+        os.environ[OVERRIDES_ENV] = f"{settings} serve.port={args.port}".strip()
+    outcome = run(args.profile, args.requests, args.keep_serving)
     if args.json:
         import json
 

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from components.curated import CuratedItem
+from components.data.curated import CuratedItem
 from components.inference_store import Answer
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -58,7 +58,7 @@ class Review:
 
 def label_studio_settings() -> tuple[str, str]:
     """The server URL and token: the environment, else the local server's token file."""
-    from components.label_studio_server import data_dir
+    from scripts.label_studio_server import data_dir
 
     url = os.environ.get("LABEL_STUDIO_URL", DEFAULT_URL).rstrip("/")
     token = os.environ.get("LABEL_STUDIO_API_KEY", "")

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from components.config import EvalConfig
-from components.generation import answer_log_likelihoods, generate_chat, load_for_inference
-from components.metrics import load_metric
+from components.evaluate.metrics import load_metric
+from components.model.generation import answer_log_likelihoods, generate_chat, load_for_inference
 from components.plots import plot_metric_comparison
 from components.records import Example, write_jsonl
 

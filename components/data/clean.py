@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -16,11 +15,9 @@ from pathlib import Path
 
 from components.config import CleanConfig
 from components.records import Example, content_hash, save_examples, write_jsonl
+from components.text import Decontaminator, ngrams, normalize_text, scrub_pii, word_list
 
 _TEXT_FIELDS = ("system", "instruction", "input", "output")
-_INVISIBLE = dict.fromkeys(
-    [c for c in range(0x20) if c not in (0x09, 0x0A)] + [0x7F, 0x200B, 0x200C, 0x200D, 0xFEFF]
-)
 # Filters in the order they run; the report lists removals under these names.
 FILTERS = (
     "too_short",
@@ -29,14 +26,6 @@ FILTERS = (
     "test_overlap",
     "near_duplicate",
     "too_long",
-)
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")
-_CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
-_IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
-_PHONE = re.compile(
-    r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)|\d{2,4})[ .-]\d{3,4}[ .-]\d{3,4}\b"
 )
 
 
@@ -51,79 +40,6 @@ class CleanResult:
     pii: dict[str, int] = field(default_factory=dict)
     content_hash: str = ""
 
-
-def normalize_text(text: str) -> str:
-    """NFKC, no control or zero-width characters, tidy whitespace; indentation is kept."""
-    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = text.translate(_INVISIBLE).replace("\t", "    ")
-    lines = [line.rstrip() for line in text.split("\n")]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
-def luhn_valid(digits: str) -> bool:
-    """The card-number checksum: avoids scrubbing ordinary long numbers."""
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = int(ch)
-        if i % 2 == 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def scrub_pii(text: str, counts: Counter[str]) -> str:
-    """Replace emails, card numbers, IP addresses and phone numbers; count each kind."""
-
-    def sub(
-        pattern: re.Pattern[str],
-        kind: str,
-        text: str,
-        accept: Callable[[str], bool] = lambda _: True,
-    ) -> str:
-        def repl(match: re.Match[str]) -> str:
-            if not accept(match.group(0)):
-                return match.group(0)
-            counts[kind] += 1
-            return f"[{kind.upper()}]"
-
-        return pattern.sub(repl, text)
-
-    text = sub(_EMAIL, "email", text)
-    text = sub(_CARD, "card", text, lambda m: luhn_valid(re.sub(r"\D", "", m)))
-    # Loopback and wildcard addresses appear in instructions ("open 127.0.0.1:4200"), not PII.
-    text = sub(_IPV4, "ip", text, lambda m: not m.startswith(("127.", "0.0.0.0")))
-    return sub(_PHONE, "phone", text, lambda m: len(re.sub(r"\D", "", m)) >= 9)
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
-
-
-class Decontaminator:
-    """Flags training prompts that overlap the frozen test prompts.
-
-    A prompt is contaminated if it shares a word n-gram with a test prompt, or (for prompts
-    shorter than n words) equals one after normalisation.
-    """
-
-    def __init__(self, test_examples: Iterable[Example], n: int) -> None:
-        self.n = n
-        self.grams: set[tuple[str, ...]] = set()
-        self.short: set[tuple[str, ...]] = set()
-        for example in test_examples:
-            words = _words(example.prompt())
-            self.grams |= ngrams(words, n)
-            self.short.add(tuple(words))
-
-    def __call__(self, example: Example) -> bool:
-        words = _words(example.prompt())
-        if len(words) < self.n:
-            return tuple(words) in self.short
-        return not self.grams.isdisjoint(ngrams(words, self.n))
 
 
 class NearDuplicateIndex:
@@ -142,7 +58,7 @@ class NearDuplicateIndex:
         self.signatures: dict[str, object] = {}
 
     def _signature(self, text: str):  # -> MinHash
-        words = _words(text)
+        words = word_list(text)
         shingles = (
             ngrams(words, self.shingle_words)
             if len(words) >= self.shingle_words
@@ -231,7 +147,7 @@ def _first_failing_filter(
     letters = sum(ch.isalpha() for ch in text)
     if letters < config.min_letter_ratio * len(text.replace(" ", "").replace("\n", "")):
         return "low_letter_ratio"
-    exact_key = hashlib.sha256(" ".join(_words(text)).encode()).hexdigest()
+    exact_key = hashlib.sha256(" ".join(word_list(text)).encode()).hexdigest()
     if exact_key in seen_exact:
         return "exact_duplicate"
     seen_exact.add(exact_key)

@@ -6,7 +6,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from components.device import select_compute_dtype, select_device
+from components.model.chat import load_tokenizer, render_chat
+from components.model.device import select_compute_dtype, select_device
 
 
 @dataclass(frozen=True)
@@ -23,14 +24,12 @@ def load_for_inference(
     base_path: str, adapter_dir: str | None = None, device: str = "auto"
 ) -> tuple[Any, Any]:
     """Base model with the adapter merged in (faster decoding), and a left-padding tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = select_device(device)
     dtype = select_compute_dtype(device)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir or base_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+    # Left padding: decoder-only models continue from the right edge.
+    tokenizer = load_tokenizer(adapter_dir or base_path, padding_side="left")
     model: Any = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     if adapter_dir:
         from peft import PeftModel
@@ -225,11 +224,6 @@ def generate_chat(
     )
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The templated prompt text, ending where the assistant's answer starts."""
-    return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-
-
 def stream_request(model: Any, tokenizer: Any, request: GenerationRequest) -> Iterator[str]:
     """Yield the answer's text in pieces as it is generated (one request, no batching)."""
     from threading import Thread
@@ -277,7 +271,7 @@ def answer_log_likelihoods(
     """(summed negative log-likelihood, token count) of each reference answer, for perplexity."""
     import torch
 
-    from components.chat import IGNORE_INDEX, tokenize_for_training
+    from components.model.chat import IGNORE_INDEX, tokenize_for_training
 
     out: list[tuple[float, int]] = []
     for start in range(0, len(examples), batch_size):

@@ -1,12 +1,13 @@
-"""Deploy a registered version: build a Bento, start or hot-swap the service, smoke-test it,
-and roll back (alias and serving model) if anything fails.
+"""Deploy a registered version: start or hot-swap the service, smoke-test it, and roll back
+(alias and serving model) if anything fails.
+
+The service is `bentoml serve` of this repository (bentofile.yaml) with the version pinned by
+`FLYWHEEL_MODEL_URI`; a Bento is built only where a container is made (`make bento`).
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -15,9 +16,13 @@ from typing import Any
 
 import httpx
 
-from components.paths import REPO_ROOT, flywheel_home
+from components.paths import flywheel_home
+from components.process import Server, ServerError, answers, stop_group
+from components.serving.auth import admin_key, api_key
 
 STARTUP_TIMEOUT_S = 300
+# The service's own drain bound (service/service.py) plus a margin for the process tree.
+SHUTDOWN_TIMEOUT_S = 45
 
 
 class DeployError(RuntimeError):
@@ -30,7 +35,6 @@ class DeployResult:
     version: str
     url: str
     action: str  # "started" or "swapped"
-    bento_tag: str
     smoke_latency_ms: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,92 +55,52 @@ def service_env(profile: str, model_uri: str | None = None) -> dict[str, str]:
 
 
 def _auth() -> dict[str, str]:
-    key = os.environ.get("FLYWHEEL_API_KEY")
+    key = api_key()
     return {"authorization": f"Bearer {key}"} if key else {}
 
 
-def build_bento(model_name: str, version: str, profile: str) -> str:
-    """`bentoml build`, tagged with the model version; returns the Bento tag.
-
-    A Bento left with the same tag by an earlier build (another home sharing the Bento store,
-    or a rebuild after a code change) is replaced.
-    """
-    tag_version = f"{model_name}-v{version}".replace("_", "-")
-    subprocess.run(
-        [sys.executable, "-m", "bentoml", "delete", "--yes", f"flywheel:{tag_version}"],
-        cwd=REPO_ROOT,
-        env=service_env(profile),
-        capture_output=True,
-        timeout=120,
-    )  # fails harmlessly when there is no such Bento
-    done = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "--version", tag_version, "--output", "tag"],
-        cwd=REPO_ROOT,
-        env=service_env(profile),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if done.returncode != 0:
-        raise DeployError(f"bentoml build failed: {done.stderr[-1500:]}")
-    return done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+def _admin_auth() -> dict[str, str]:
+    return {"authorization": f"Bearer {admin_key()}"}
 
 
 def is_ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=3).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return answers(f"{url}/readyz")
 
 
 def _pid_file() -> Path:
     return flywheel_home() / "service.pid"
 
 
+def serve_command(port: int) -> list[str]:
+    """`bentoml serve` of the repository's service (bentofile.yaml) on `port`."""
+    return [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(port)]
+
+
 def start_service(profile: str, model_uri: str, port: int) -> int:
     """Start `bentoml serve` detached (it outlives this process); wait until it is ready."""
-    logs = flywheel_home() / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    with (logs / "service.log").open("a") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(port)],
-            cwd=REPO_ROOT,
-            env=service_env(profile, model_uri),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    _pid_file().write_text(str(process.pid))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise DeployError(f"the service exited while starting; see {logs / 'service.log'}")
-        if is_ready(url):
-            return process.pid
-        time.sleep(1)
-    stop_service()
-    raise DeployError(f"the service was not ready after {STARTUP_TIMEOUT_S}s")
+    server = Server.start(
+        "the service",
+        serve_command(port),
+        f"http://127.0.0.1:{port}/readyz",
+        flywheel_home() / "logs" / "service.log",
+        env=service_env(profile, model_uri),
+    )
+    _pid_file().write_text(str(server.pid))
+    try:
+        server.wait_ready(STARTUP_TIMEOUT_S)
+    except ServerError as exc:
+        _pid_file().unlink(missing_ok=True)
+        raise DeployError(str(exc)) from None
+    return server.pid
 
 
 def stop_service() -> bool:
-    """Stop the service this home started (SIGTERM, so the inference log is flushed)."""
+    """Stop the service this home started (SIGTERM: it drains and flushes the log)."""
     if not _pid_file().is_file():
         return False
     pid = int(_pid_file().read_text())
     _pid_file().unlink()
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    for _ in range(60):
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.5)
-    os.killpg(pid, signal.SIGKILL)
-    return True
+    return stop_group(pid, SHUTDOWN_TIMEOUT_S)
 
 
 def swap_model(url: str, model_uri: str) -> str:
@@ -144,7 +108,7 @@ def swap_model(url: str, model_uri: str) -> str:
     response = httpx.post(
         f"{url}/admin/reload",
         json={"model_uri": model_uri},
-        headers=_auth(),
+        headers=_admin_auth(),
         timeout=STARTUP_TIMEOUT_S,
     )
     if response.status_code != 200:
@@ -189,17 +153,15 @@ def roll_out(model_name: str, version: str, profile: str, port: int) -> tuple[st
 
 def roll_back(model_name: str, previous: str | None, profile: str, port: int, action: str) -> str:
     """Restore the previous champion alias and serving model; says what was done."""
-    from components.register import CHAMPION
-    from components.tracking import configure_mlflow
+    from components.registry.register import CHAMPION
 
     if previous is None:
         if action == "started":
             stop_service()
         return "no previous champion to restore; the new service was stopped"
-    from mlflow.tracking import MlflowClient
+    from components.registry.tracking import mlflow_client
 
-    configure_mlflow()
-    MlflowClient().set_registered_model_alias(model_name, CHAMPION, previous)
+    mlflow_client().set_registered_model_alias(model_name, CHAMPION, previous)
     uri = f"models:/{model_name}/{previous}"
     url = f"http://127.0.0.1:{port}"
     if action == "started":

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.config import DataConfig, SourceConfig
-from components.ingest import read_source, to_example
+from components.data.ingest import read_source, to_example
 from components.records import Example, content_hash, save_examples
 
 

@@ -8,17 +8,21 @@ with `mlflow.pyfunc.load_model("models:/<name>@champion")` (see pyfunc_model.py)
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from components.base_model import BaseModelRef, resolve_base_model
 from components.config import ModelConfig
-from components.evaluation import Comparison
+from components.evaluate.evaluation import Comparison
+from components.model.base_model import BaseModelRef, resolve_base_model
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# What a registered version needs to load and generate (config, model loading, generation);
+# the rest of the package (deploy, monitor, ...) stays out of every version.
+MODEL_CODE = ("__init__.py", "config.py", "paths.py", "records.py", "model")
 
 
 @dataclass
@@ -56,10 +60,11 @@ def decide_promotion(comparison: Comparison) -> GateDecision:
 def current_champion(model_name: str) -> Any | None:
     """The model version the `champion` alias points to, or None."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+
+    from components.registry.tracking import mlflow_client
 
     try:
-        return MlflowClient().get_model_version_by_alias(model_name, CHAMPION)
+        return mlflow_client().get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
         return None
 
@@ -68,8 +73,13 @@ def download_version(model_name: str, version: str, dest: Path) -> tuple[str, st
     """Fetch a registered version's adapter; returns (base model folder, adapter folder)."""
     import mlflow
 
+    from components.registry.tracking import configure_mlflow
+
+    uri = f"models:/{model_name}/{version}"
     local = Path(
-        mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}", dst_path=str(dest))
+        mlflow.artifacts.download_artifacts(
+            uri, dst_path=str(dest), tracking_uri=configure_mlflow()
+        )
     )
     ref = json.loads((local / "artifacts" / "base_model.json").read_text())
     base = resolve_base_model(ModelConfig(base_model=ref["name"], revision=ref["revision"]))
@@ -79,6 +89,21 @@ def download_version(model_name: str, version: str, dest: Path) -> tuple[str, st
             f"'{ref['name']}' now resolves to {base.sha256[:12]}"
         )
     return base.path, str(local / "artifacts" / "adapter")
+
+
+def model_code(dest: Path) -> Path:
+    """A `components` package holding only `MODEL_CODE`, for the logged model's code path."""
+
+    package = Path(__file__).resolve().parents[1]
+    target = dest / "components"
+    target.mkdir(parents=True)
+    for name in MODEL_CODE:
+        source = package / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target / name)
+    return target
 
 
 def register_candidate(
@@ -92,10 +117,11 @@ def register_candidate(
     """Log the adapter as a model, register it as `challenger`, and apply the gate."""
     import mlflow
     from mlflow.models import ModelSignature
-    from mlflow.tracking import MlflowClient
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    client = MlflowClient()
+    from components.registry.tracking import mlflow_client
+
+    client = mlflow_client()
     previous = current_champion(model_name)
     with tempfile.TemporaryDirectory() as tmp:
         ref_path = Path(tmp) / "base_model.json"
@@ -111,7 +137,7 @@ def register_candidate(
                 python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                 artifacts={"adapter": adapter_dir, "base_model": str(ref_path)},
                 signature=signature,
-                code_paths=[str(Path(__file__).parent)],
+                code_paths=[str(model_code(Path(tmp) / "code"))],
                 pip_requirements=["torch", "transformers", "peft", "accelerate"],
             )
     version = mlflow.register_model(info.model_uri, model_name, tags=tags)

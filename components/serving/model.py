@@ -15,12 +15,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from components.config import PipelineConfig, ServeConfig, load_profile
-from components.generation import (
-    GenerationRequest,
-    generate_requests,
-    render_chat,
-    stream_request,
-)
+from components.model.chat import render_chat
+from components.model.generation import GenerationRequest, generate_requests, stream_request
 from components.paths import flywheel_home
 
 
@@ -73,18 +69,15 @@ class LoadedModel:
 
 def resolve_model_uri(uri: str) -> tuple[str, str]:
     """`models:/name@alias` or `models:/name/version` -> (name, version)."""
-    from mlflow.tracking import MlflowClient
-
-    from components.tracking import configure_mlflow
+    from components.registry.tracking import mlflow_client
 
     if not uri.startswith("models:/"):
         raise ValueError(
             f"model URI must look like models:/<name>@<alias> or "
             f"models:/<name>/<version>, got {uri!r}"
         )
-    configure_mlflow()
     ref = uri.removeprefix("models:/")
-    client = MlflowClient()
+    client = mlflow_client()
     if "@" in ref:
         name, alias = ref.split("@", 1)
         return name, str(client.get_model_version_by_alias(name, alias).version)
@@ -94,11 +87,9 @@ def resolve_model_uri(uri: str) -> tuple[str, str]:
 
 def load_model_version(name: str, version: str) -> LoadedModel:
     """Download a registered version's adapter and load base + adapter for inference."""
-    from components.generation import load_for_inference
-    from components.register import download_version
-    from components.tracking import configure_mlflow
+    from components.model.generation import load_for_inference
+    from components.registry.register import download_version
 
-    configure_mlflow()
     cache = flywheel_home() / "serving" / name / version
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:

@@ -21,11 +21,20 @@ def configure_mlflow() -> str:
     return uri
 
 
-def ensure_experiment(name: str) -> str:
-    """Experiment id for `name`; a new local experiment keeps artifacts under FLYWHEEL_HOME."""
+def mlflow_client() -> Any:
+    """An `MlflowClient` on the configured store; the only way Flywheel code gets a client.
+
+    A bare `MlflowClient()` falls back to MLflow's own default (a `mlflow.db` in the working
+    folder), so every client is made here, with the URI passed explicitly.
+    """
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
+    return MlflowClient(tracking_uri=configure_mlflow())
+
+
+def ensure_experiment(name: str) -> str:
+    """Experiment id for `name`; a new local experiment keeps artifacts under FLYWHEEL_HOME."""
+    client = mlflow_client()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return str(experiment.experiment_id)
@@ -78,16 +87,13 @@ class RunLogger:
 
     @classmethod
     def start(cls, experiment: str, run_name: str, tags: dict[str, str]) -> RunLogger:
-        from mlflow.tracking import MlflowClient
-
-        configure_mlflow()
-        run = MlflowClient().create_run(ensure_experiment(experiment), run_name=run_name, tags=tags)
+        run = mlflow_client().create_run(
+            ensure_experiment(experiment), run_name=run_name, tags=tags
+        )
         return cls(run.info.run_id)
 
     def _client(self) -> Any:
-        from mlflow.tracking import MlflowClient
-
-        return MlflowClient()
+        return mlflow_client()
 
     def params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

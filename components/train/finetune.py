@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from components.base_model import BaseModelRef
-from components.chat import tokenize_for_training
 from components.config import LoraSettings, PipelineConfig, QuantizationConfig
-from components.device import select_compute_dtype, select_device
+from components.model.base_model import BaseModelRef
+from components.model.chat import load_tokenizer, tokenize_for_training
+from components.model.device import select_compute_dtype, select_device
 from components.plots import plot_loss_curve
 from components.records import load_examples
 
@@ -70,19 +70,6 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
         )
         shutil.rmtree(checkpoint)
     return None
-
-
-def load_tokenizer(path: str, padding_side: str = "right") -> Any:
-    """The base model's tokenizer, with a pad token and the requested padding side."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"tokenizer at {path} has no chat template; choose an instruct model")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = padding_side
-    return tokenizer
 
 
 def load_base_for_training(
