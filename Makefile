@@ -85,7 +85,7 @@ annotation-sync: setup
 	$(PY) -m flows.annotation_sync --profile $(PROFILE)
 
 serve: setup
-	FLYWHEEL_PROFILE=$(PROFILE) $(VENV)/bin/bentoml serve . --port 3000
+	FLYWHEEL_PROFILE=$(PROFILE) $(VENV)/bin/bentoml serve . --port 3000 --timeout-graceful-shutdown 30
 
 benchmark: setup
 	$(PY) -m benchmarks.serve_load --profile $(PROFILE)

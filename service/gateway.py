@@ -1,46 +1,72 @@
-"""Request handling behind the public routes: validate, generate, log, count.
+"""What the public routes do behind their typed bodies: generate, stream, log, count, answer.
 
-Every client mistake becomes a 4xx with an OpenAI-style JSON error naming the field; nothing
-a client sends is allowed to surface as a 500.
+FastAPI validates every body against the models in `components/serving/api.py`; the handlers
+here turn any client mistake into a 4xx with an OpenAI-style JSON error naming the field, and
+nothing a client sends surfaces as a 500.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import logging
-import os
 import secrets
+import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from starlette.exceptions import HTTPException
 
 from components.config import ServeConfig
-from components.inference_store import InferenceRecord, InferenceStore, UnknownRequest
+from components.inference_store import InferenceRecord, InferenceStore, StoreBusy, UnknownRequest
 from components.serving.api import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
+    FeedbackResponse,
     GenerateRequest,
+    GenerateResponse,
+    ReloadRequest,
     chat_chunk,
     chat_completion,
     completion_chunk,
+    error_body,
     finish_reason,
+    model_card,
     sse,
     text_completion,
+    wire,
 )
-from components.serving.model import GenerationInput, GenerationOutput, serving_profile
+from components.serving.auth import admin_key, api_key
+from components.serving.model import (
+    GenerationInput,
+    GenerationOutput,
+    default_model_uri,
+    resolve_model_uri,
+)
 from components.text import scrub_pii
 
 log = logging.getLogger("flywheel.service")
+RETRY_AFTER_S = 2  # what 429 and 503 answers ask clients to wait
+ENDPOINTS = {
+    "/generate": "generate",
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/models": "models",
+    "/feedback": "feedback",
+    "/admin/reload": "reload",
+}
 
 
 @functools.cache
@@ -57,8 +83,33 @@ class CurrentVersion:
     value = ""
 
 
-class ModelVersionHeader:
-    """ASGI middleware: every HTTP response carries `x-model-version`."""
+class Draining:
+    """Set once the process got SIGTERM: new requests get 503, those in flight finish."""
+
+    active = False
+
+
+def drain_on_sigterm() -> None:
+    """Chain a SIGTERM handler before the server's own (which stops accepting connections
+    and waits for in-flight requests), so requests on open connections are refused at once."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        Draining.active = True
+        if callable(previous):
+            previous(signum, frame)
+
+    with contextlib.suppress(ValueError):  # not the main thread (in-process tests)
+        signal.signal(signal.SIGTERM, handler)
+
+
+class ServiceEdge:
+    """ASGI middleware over every route, BentoML's own included.
+
+    Every response carries `x-model-version`; 429 and 503 carry `Retry-After`; an error answer
+    that is not JSON (a 404 or 405 from the router, for one) is rewritten as an OpenAI error;
+    while draining, new API requests get 503.
+    """
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -67,36 +118,136 @@ class ModelVersionHeader:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if Draining.active and scope.get("path") not in ("/healthz", "/livez", "/metrics"):
+            body = error_body(503, "the service is shutting down; retry shortly", code="draining")
+            await _send_json(send, 503, body, [(b"connection", b"close")])
+            return
+        held: dict[str, Any] = {}
 
-        async def send_with_header(message: dict) -> None:
+        async def send_wrapped(message: dict) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers.append((b"x-model-version", CurrentVersion.value.encode() or b"none"))
-                message = {**message, "headers": headers}
+                status, headers = message["status"], list(message.get("headers", []))
+                content_type = dict((k.lower(), v) for k, v in headers).get(b"content-type", b"")
+                if status >= 400 and b"json" not in content_type:
+                    held.update(status=status, headers=headers, body=b"")  # re-sent as JSON
+                    return
+                message = {**message, "headers": _version_headers(headers, status)}
+            elif message["type"] == "http.response.body" and held:
+                held["body"] += message.get("body", b"")
+                if not message.get("more_body"):
+                    detail = held["body"].decode(errors="replace").strip() or "error"
+                    body = error_body(held["status"], detail)
+                    await _send_json(send, held["status"], body, held["headers"])
+                return
             await send(message)
 
-        await self.app(scope, receive, send_with_header)
+        await self.app(scope, receive, send_wrapped)
+
+
+def _version_headers(headers: list[tuple[bytes, bytes]], status: int) -> list[tuple[bytes, bytes]]:
+    kept = [(k, v) for k, v in headers if k.lower() != b"x-model-version"]
+    kept.append((b"x-model-version", CurrentVersion.value.encode() or b"none"))
+    if status in (429, 503) and not any(k.lower() == b"retry-after" for k, _ in kept):
+        kept.append((b"retry-after", str(RETRY_AFTER_S).encode()))
+    return kept
+
+
+async def _send_json(
+    send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]
+) -> None:
+    import json
+
+    data = json.dumps(body).encode()
+    kept = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-length")]
+    kept += [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    start = {"type": "http.response.start", "status": status}
+    await send({**start, "headers": _version_headers(kept, status)})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    first = exc.errors()[0]
+    kind, loc = first["type"], tuple(first.get("loc", ()))
+    if kind == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+        return ApiError(400, f"malformed JSON: {reason} (at character {loc[-1]})")
+    if loc == ("body",):
+        if kind == "missing":
+            return ApiError(400, "a JSON object is required as the request body")
+        return ApiError(400, "the request body must be a JSON object")
+    param = _param(loc)
+    return ApiError(422, f"{param}: {first['msg']}", param=param)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Client errors as JSON; unexpected ones as a JSON 500 with the details in the log."""
+    """Client errors as OpenAI-style JSON; unexpected ones as a JSON 500, details in the log."""
+
+    def answer(request: Request, error: ApiError) -> JSONResponse:
+        if error.status < 500:
+            endpoint = ENDPOINTS.get(request.url.path, "other")
+            flywheel_metrics().client_errors.labels(endpoint, str(error.status)).inc()
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return answer(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return answer(request, _validation_error(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        error = ApiError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+        return answer(request, error)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        status = getattr(exc, "error_code", None)
-        if int(status or 500) == 503:  # BentoML: the generator's queue or latency budget is full
-            return JSONResponse(
-                ApiError(503, "the model is busy; retry shortly", code="overloaded").body(),
-                status_code=503,
-            )
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if int(getattr(exc, "error_code", 500) or 500) == 503:  # BentoML: generator queue full
+            return answer(request, ApiError(503, "the model is busy; retry shortly", code="busy"))
         log.exception("unexpected error")
-        return JSONResponse(
-            ApiError(500, "internal error", code="server_error").body(), status_code=500
+        return answer(request, ApiError(500, "internal error", code="server_error"))
+
+
+async def json_bodies_only(request: Request) -> None:
+    """State-changing requests must be JSON: a form or text/plain body (what a web page can
+    send across origins without asking) is refused before it reaches a handler."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError(415, "send the body as JSON (Content-Type: application/json)")
+
+
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
+
+
+def _check(credentials: HTTPAuthorizationCredentials | None, key: str, what: str) -> None:
+    token = credentials.credentials if credentials else ""
+    if not secrets.compare_digest(token.encode(), key.encode()):
+        raise ApiError(
+            401,
+            f"missing or wrong {what} (Authorization: Bearer <key>)",
+            code="invalid_api_key",
+            headers={"www-authenticate": "Bearer"},
         )
+
+
+async def client_auth(credentials: Bearer) -> None:
+    """`FLYWHEEL_API_KEY` when set; generation and feedback are open otherwise."""
+    key = api_key()
+    if key is not None:
+        _check(credentials, key, "API key")
+
+
+async def admin_auth(credentials: Bearer) -> None:
+    """Admin actions always need the admin key (`FLYWHEEL_ADMIN_KEY` or the home's token)."""
+    _check(credentials, admin_key(), "admin key")
 
 
 @dataclass(frozen=True)
@@ -150,38 +301,13 @@ def flywheel_metrics() -> Metrics:
     )
 
 
-async def parse(request: Request, model: type[BaseModel]) -> Any:
-    """The body as `model`, or an ApiError naming what is wrong with it."""
-    raw = await request.body()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ApiError(
-            400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(422, f"{param}: {first['msg']}", param=param) from None
-
-
-async def with_connection_retry(call: Any, attempts: int = 3) -> Any:
+async def with_connection_retry(call: Callable[[], Awaitable[Any]], attempts: int = 3) -> Any:
     """Retry a generator call whose pooled connection the generator had already closed.
 
     Under load the generator's server can close an idle keep-alive connection just as the
     gateway reuses it ("Server disconnected"); the request never reached the model, so
     sending it again on a fresh connection is safe.
     """
-    import asyncio
-
     import aiohttp
 
     for attempt in range(attempts):
@@ -191,37 +317,31 @@ async def with_connection_retry(call: Any, attempts: int = 3) -> Any:
             if attempt == attempts - 1:
                 raise
             log.warning("generator connection closed under us; retrying (%d)", attempt + 1)
-            await asyncio.sleep(0.05 * (attempt + 1))
+            await anyio.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _raise_for(out: GenerationOutput, param: str | None = None) -> None:
+    if out.error:
+        code = out.error_code or "invalid_request_error"
+        field = (param or out.error_param) if out.error_status < 500 else None
+        raise ApiError(out.error_status, out.error, param=field, code=code)
 
 
 class Gateway:
     """What the public routes do, given the generator dependency."""
 
-    def __init__(self, settings: ServeConfig, generator: Any) -> None:
+    def __init__(self, settings: ServeConfig, generator: Any, model_name: str) -> None:
         self.settings = settings
         self.generator = generator
+        self.model_name = model_name
         self.store = InferenceStore()
         self.metrics = flywheel_metrics()
-        self.model_name = serving_profile().registry.model_name
-        self.api_key = os.environ.get("FLYWHEEL_API_KEY") or None
 
     def close(self) -> None:
         self.store.close()
 
     # -- helpers ---------------------------------------------------------------------------
-
-    def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        if not secrets.compare_digest(token, self.api_key):
-            raise ApiError(
-                401,
-                "missing or wrong API key (Authorization: Bearer <key>)",
-                code="invalid_api_key",
-            )
 
     def _max_tokens(self, value: int | None, param: str) -> int:
         limit = self.settings.max_new_tokens_limit
@@ -249,17 +369,22 @@ class Gateway:
                 code="prompt_too_long",
             )
 
-    def _set_version(self, version: str) -> None:
+    def announce_version(self) -> None:
+        """Read the version about to be served from the registry, so that every response,
+        health and metrics included, names it from the start (the generator logs why not)."""
+        try:
+            _, version = resolve_model_uri(default_model_uri())
+        except Exception as exc:
+            log.warning("serving version not known yet: %s", exc)
+            return
+        self.set_version(version)
+
+    def set_version(self, version: str) -> None:
         if version and version != CurrentVersion.value:
             if CurrentVersion.value:
                 self.metrics.model_version.labels(self.model_name, CurrentVersion.value).set(0)
             CurrentVersion.value = version
             self.metrics.model_version.labels(self.model_name, version).set(1)
-
-    async def _ensure_version(self) -> None:
-        if not CurrentVersion.value:
-            info = await self.generator.to_async.info()
-            self._set_version(str(info["version"]))
 
     async def _generate(self, item: GenerationInput, param: str | None = None) -> GenerationOutput:
         """Generate through the batching generator; `param` names the prompt field in errors."""
@@ -268,11 +393,8 @@ class Gateway:
         )
         out = results[0]
         out = out if isinstance(out, GenerationOutput) else GenerationOutput.model_validate(out)
-        if out.error:
-            raise ApiError(
-                400, out.error, param=param or out.error_param, code="context_length_exceeded"
-            )
-        self._set_version(out.model_version)
+        _raise_for(out, param)
+        self.set_version(out.model_version)
         return out
 
     def _record(
@@ -302,115 +424,78 @@ class Gateway:
         self.metrics.prompt_tokens.labels(out.model_version, endpoint).inc(out.prompt_tokens)
         return latency_ms
 
-    async def _guard(self, endpoint: str, request: Request, handler: Any) -> Any:
-        try:
-            self._authorize(request)
-            await self._ensure_version()
-            return await handler()
-        except ApiError as exc:
-            self.metrics.client_errors.labels(endpoint, str(exc.status)).inc()
-            raise
-
     # -- routes ----------------------------------------------------------------------------
 
-    async def generate(self, request: Request) -> JSONResponse:
-        async def handle() -> JSONResponse:
-            started = time.perf_counter()
-            req = await parse(request, GenerateRequest)
-            self._check_prompt(req.prompt, "prompt")
-            item = GenerationInput(
-                messages=[{"role": "user", "content": req.prompt}],
-                max_new_tokens=self._max_tokens(req.max_new_tokens, "max_new_tokens"),
-                temperature=req.temperature,
-                top_p=req.top_p,
-                stop=req.stop,
-            )
-            out = await self._generate(item, param="prompt")
-            request_id = f"gen-{uuid.uuid4().hex}"
-            latency = self._record("generate", req.prompt, out, started, request_id)
-            return JSONResponse(
-                {
-                    "text": out.text,
-                    "request_id": request_id,
-                    "model_version": out.model_version,
-                    "prompt_tokens": out.prompt_tokens,
-                    "completion_tokens": out.completion_tokens,
-                    "latency_ms": latency,
-                }
-            )
+    async def generate(self, req: GenerateRequest) -> GenerateResponse:
+        started = time.perf_counter()
+        self._check_prompt(req.prompt, "prompt")
+        item = GenerationInput(
+            messages=[{"role": "user", "content": req.prompt}],
+            max_new_tokens=self._max_tokens(req.max_new_tokens, "max_new_tokens"),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=req.stop,
+        )
+        out = await self._generate(item, param="prompt")
+        request_id = f"gen-{uuid.uuid4().hex}"
+        latency = self._record("generate", req.prompt, out, started, request_id)
+        return GenerateResponse(
+            text=out.text,
+            request_id=request_id,
+            model_version=out.model_version,
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens,
+            latency_ms=latency,
+        )
 
-        return await self._guard("generate", request, handle)
+    async def chat_completions(
+        self, req: ChatCompletionRequest
+    ) -> JSONResponse | StreamingResponse:
+        started = time.perf_counter()
+        self._check_model(req.model)
+        messages = [m.model_dump() for m in req.messages]
+        prompt = "\n".join(m["content"] for m in messages)
+        self._check_prompt(prompt, "messages")
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        limit = self._max_tokens(req.max_completion_tokens or req.max_tokens, param)
+        item = GenerationInput(
+            messages=messages,
+            max_new_tokens=limit,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=req.stop,
+        )
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            return await self._stream("chat", item, prompt, request_id, started, limit)
+        out = await self._generate(item)
+        self._record("chat", prompt, out, started, request_id)
+        reply = chat_completion(
+            request_id, self.model_name, out.text, out.prompt_tokens, out.completion_tokens, limit
+        )
+        return JSONResponse(wire(reply))
 
-    async def chat_completions(self, request: Request) -> JSONResponse | StreamingResponse:
-        async def handle() -> JSONResponse | StreamingResponse:
-            started = time.perf_counter()
-            req = await parse(request, ChatCompletionRequest)
-            self._check_model(req.model)
-            messages = [m.model_dump() for m in req.messages]
-            prompt = "\n".join(m["content"] for m in messages)
-            self._check_prompt(prompt, "messages")
-            limit = self._max_tokens(
-                req.max_completion_tokens or req.max_tokens,
-                "max_completion_tokens" if req.max_completion_tokens else "max_tokens",
-            )
-            item = GenerationInput(
-                messages=messages,
-                max_new_tokens=limit,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                stop=req.stop,
-            )
-            request_id = f"chatcmpl-{uuid.uuid4().hex}"
-            if req.stream:
-                return await self._stream("chat", item, prompt, request_id, started, limit)
-            out = await self._generate(item)
-            self._record("chat", prompt, out, started, request_id)
-            return JSONResponse(
-                chat_completion(
-                    request_id,
-                    self.model_name,
-                    out.text,
-                    out.prompt_tokens,
-                    out.completion_tokens,
-                    limit,
-                )
-            )
-
-        return await self._guard("chat", request, handle)
-
-    async def completions(self, request: Request) -> JSONResponse | StreamingResponse:
-        async def handle() -> JSONResponse | StreamingResponse:
-            started = time.perf_counter()
-            req = await parse(request, CompletionRequest)
-            self._check_model(req.model)
-            self._check_prompt(req.prompt, "prompt")
-            limit = self._max_tokens(req.max_tokens, "max_tokens")
-            item = GenerationInput(
-                text=req.prompt,
-                max_new_tokens=limit,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                stop=req.stop,
-            )
-            request_id = f"cmpl-{uuid.uuid4().hex}"
-            if req.stream:
-                return await self._stream(
-                    "completion", item, req.prompt, request_id, started, limit
-                )
-            out = await self._generate(item)
-            self._record("completion", req.prompt, out, started, request_id)
-            return JSONResponse(
-                text_completion(
-                    request_id,
-                    self.model_name,
-                    out.text,
-                    out.prompt_tokens,
-                    out.completion_tokens,
-                    limit,
-                )
-            )
-
-        return await self._guard("completion", request, handle)
+    async def completions(self, req: CompletionRequest) -> JSONResponse | StreamingResponse:
+        started = time.perf_counter()
+        self._check_model(req.model)
+        self._check_prompt(req.prompt, "prompt")
+        limit = self._max_tokens(req.max_tokens, "max_tokens")
+        item = GenerationInput(
+            text=req.prompt,
+            max_new_tokens=limit,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=req.stop,
+        )
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            return await self._stream("completion", item, req.prompt, request_id, started, limit)
+        out = await self._generate(item)
+        self._record("completion", req.prompt, out, started, request_id)
+        reply = text_completion(
+            request_id, self.model_name, out.text, out.prompt_tokens, out.completion_tokens, limit
+        )
+        return JSONResponse(wire(reply))
 
     async def _stream_outputs(self, item: GenerationInput) -> AsyncIterator[GenerationOutput]:
         buffer = ""
@@ -432,109 +517,83 @@ class Gateway:
     ) -> StreamingResponse:
         outputs = self._stream_outputs(item)
         first = await anext(outputs)
-        if first.error:  # fail before any byte is sent, as a normal 4xx
-            raise ApiError(
-                400, first.error, param=first.error_param, code="context_length_exceeded"
-            )
+        _raise_for(first)  # fail before any byte is sent, as a normal 4xx
         self.metrics.time_to_first_token.labels(kind).observe(time.perf_counter() - started)
-        self._set_version(first.model_version)
+        self.set_version(first.model_version)
         created = int(time.time())
 
-        def chunk(text: str, finish: str | None = None, role: bool = False) -> str:
+        def event(text: str, finish: Any = None, role: bool = False) -> str:
             if kind == "chat":
-                delta = (
-                    {"role": "assistant", "content": text}
-                    if role
-                    else ({"content": text} if finish is None else {})
-                )
+                if finish is not None:
+                    delta = ChoiceDelta()
+                elif role:
+                    delta = ChoiceDelta(role="assistant", content=text)
+                else:
+                    delta = ChoiceDelta(content=text)
                 return sse(chat_chunk(request_id, self.model_name, created, delta, finish))
             return sse(completion_chunk(request_id, self.model_name, created, text, finish))
 
         async def events() -> AsyncIterator[str]:
-            text = first.text
-            yield chunk(first.text, role=True)
-            last = first
+            text, last = first.text, first
+            yield event(first.text, role=True)
             async for out in outputs:
+                if out.error:  # the generation failed after the stream began: end it cleanly
+                    log.warning("stream %s failed: %s", request_id, out.error)
+                    break
                 if out.text:
                     text += out.text
-                    yield chunk(out.text)
+                    yield event(out.text)
                 last = out
+            yield event("", finish=finish_reason(last.completion_tokens, limit))
+            yield sse("[DONE]")
             final = GenerationOutput(
                 text=text,
                 prompt_tokens=last.prompt_tokens,
                 completion_tokens=last.completion_tokens,
                 model_version=first.model_version,
             )
-            yield chunk("", finish=finish_reason(final.completion_tokens, limit))
-            yield sse("[DONE]")
             self._record(kind, prompt, final, started, request_id)
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"x-request-id": request_id}
         )
 
-    async def models(self, request: Request) -> JSONResponse:
-        async def handle() -> JSONResponse:
-            return JSONResponse(
-                {
-                    "object": "list",
-                    "data": [
-                        {
-                            "id": self.model_name,
-                            "object": "model",
-                            "created": 0,
-                            "owned_by": "flywheel",
-                            "version": CurrentVersion.value,
-                        }
-                    ],
-                }
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [wire(model_card(self.model_name, CurrentVersion.value))]}
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        self._check_model(model_id)
+        return wire(model_card(self.model_name, CurrentVersion.value))
+
+    async def feedback(self, req: FeedbackRequest) -> FeedbackResponse:
+        def store_it() -> tuple[Any, bool, str]:
+            record, created = self.store.add_feedback(
+                req.request_id, req.rating, req.correction, req.comment
             )
+            served = self.store.get(req.request_id) if created else None
+            return record, created, served.model_version if served else "unknown"
 
-        return await self._guard("models", request, handle)
+        try:  # off the event loop: the store may wait for its writer
+            record, created, version = await anyio.to_thread.run_sync(store_it)
+        except UnknownRequest:
+            raise ApiError(
+                404, f"unknown request_id '{req.request_id}'", param="request_id", code="not_found"
+            ) from None
+        except StoreBusy as exc:
+            raise ApiError(503, str(exc), code="store_busy") from None
+        if created:
+            self.metrics.feedback.labels(req.rating, version).inc()
+        return FeedbackResponse(request_id=record.request_id, rating=record.rating, stored=created)
 
-    async def feedback(self, request: Request) -> JSONResponse:
-        async def handle() -> JSONResponse:
-            import anyio
-
-            req = await parse(request, FeedbackRequest)
-            try:
-                record, created = await anyio.to_thread.run_sync(
-                    self.store.add_feedback, req.request_id, req.rating, req.correction, req.comment
-                )
-            except UnknownRequest:
-                raise ApiError(
-                    404,
-                    f"unknown request_id '{req.request_id}'",
-                    param="request_id",
-                    code="not_found",
-                ) from None
-            if created:
-                served = self.store.get(req.request_id)
-                self.metrics.feedback.labels(
-                    req.rating, served.model_version if served else "unknown"
-                ).inc()
-            return JSONResponse(
-                {"request_id": record.request_id, "rating": record.rating, "stored": created}
-            )
-
-        return await self._guard("feedback", request, handle)
-
-    async def reload(self, request: Request) -> JSONResponse:
-        class Reload(BaseModel):
-            model_uri: str
-
-        async def handle() -> JSONResponse:
-            req = await parse(request, Reload)
-            try:
-                info = await self.generator.to_async.reload(model_uri=req.model_uri)
-            except Exception as exc:
-                raise ApiError(
-                    422,
-                    f"cannot load {req.model_uri}: {exc}",
-                    param="model_uri",
-                    code="model_load_failed",
-                ) from None
-            self._set_version(str(info["version"]))
-            return JSONResponse(info)
-
-        return await self._guard("reload", request, handle)
+    async def reload(self, req: ReloadRequest) -> dict[str, Any]:
+        try:
+            info = await self.generator.to_async.reload(model_uri=req.model_uri)
+        except Exception as exc:
+            raise ApiError(
+                422,
+                f"cannot load {req.model_uri}: {exc}",
+                param="model_uri",
+                code="model_load_failed",
+            ) from None
+        self.set_version(str(info["version"]))
+        return dict(info)

@@ -4,12 +4,12 @@ Two services, served together by `bentoml serve` (see bentofile.yaml):
 - `Generator` holds the model. Its `generate` API is batchable: concurrent requests from the
   gateway are grouped by BentoML's adaptive batcher into one batched `generate` call.
 - `Flywheel` is the public API (port 3000): /generate, the OpenAI-compatible /v1 routes,
-  /feedback, the playground page. It validates input, logs every generation and feedback,
-  and exports `flywheel_*` metrics beside BentoML's own on /metrics.
+  /feedback, the playground page, admin actions. FastAPI validates every body; the gateway
+  logs every generation and feedback and exports `flywheel_*` metrics on /metrics.
 
 Batch size, latency budget, concurrency and timeouts come from the profile's `serve:` section
-(`FLYWHEEL_PROFILE`, default cpu-small); the model from `FLYWHEEL_MODEL_URI` (default: the
-profile's registered model at alias `champion`).
+(`FLYWHEEL_PROFILE`, default cpu-small, with `FLYWHEEL_SET` overrides); the model from
+`FLYWHEEL_MODEL_URI` (default: the profile's registered model at alias `champion`).
 """
 
 from __future__ import annotations
@@ -17,13 +17,35 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 
 import bentoml
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from components.serving.model import GenerationInput, GenerationOutput, serve_settings
-from service.gateway import Gateway, ModelVersionHeader, install_error_handlers, playground_html
+from components.serving.api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    FeedbackResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ReloadRequest,
+)
+from components.serving.model import GenerationInput, GenerationOutput, serving_profile
+from service.gateway import (
+    Gateway,
+    ServiceEdge,
+    admin_auth,
+    client_auth,
+    drain_on_sigterm,
+    install_error_handlers,
+    json_bodies_only,
+    playground_html,
+)
 
-SETTINGS = serve_settings()  # the decorators below need the limits when the class is defined
+PROFILE = serving_profile()  # the decorators below need the limits when the class is defined
+SETTINGS = PROFILE.serve
+# Latency buckets 40% apart from 50 ms to 5 min: BentoML's default jumps from 10 s to 30 s,
+# where most LLM requests fall, and the monitor's quantiles interpolate inside a bucket.
+LATENCY_BUCKETS = {"min": 0.05, "max": 300.0, "factor": 1.4}
 
 
 @bentoml.service(
@@ -35,7 +57,11 @@ class Generator:
     def __init__(self) -> None:
         from components.serving.model import ServedModel, default_model_uri
 
-        self.served = ServedModel.from_uri(default_model_uri(), warmup=SETTINGS.warmup)
+        # Loaded in the background: /readyz answers 503 at once until the model is in.
+        self.served = ServedModel.load_in_background(default_model_uri(), SETTINGS.warmup)
+
+    def __is_ready__(self) -> bool:
+        return self.served.ready
 
     @bentoml.api(
         batchable=SETTINGS.batching,
@@ -49,20 +75,12 @@ class Generator:
     async def stream(self, item: GenerationInput) -> AsyncGenerator[str, None]:
         import anyio
 
-        from components.serving.model import stream_input
-
-        pieces = stream_input(self.served.current, item)
-        while (output := await anyio.to_thread.run_sync(next, pieces, None)) is not None:
-            yield output.model_dump_json() + "\n"
-
-    @bentoml.api
-    def info(self) -> dict:
-        current = self.served.current
-        return {
-            "name": current.name,
-            "version": current.version,
-            "context_length": current.context_length,
-        }
+        pieces = self.served.stream(item)
+        try:
+            while (output := await anyio.to_thread.run_sync(next, pieces, None)) is not None:
+                yield output.model_dump_json() + "\n"
+        finally:
+            pieces.close()  # a client that went away stops its generation
 
     @bentoml.api
     def reload(self, model_uri: str) -> dict:
@@ -70,13 +88,13 @@ class Generator:
         return {"name": loaded.name, "version": loaded.version}
 
 
-app = FastAPI(title="Flywheel", description="Generation, OpenAI-compatible API and feedback.")
+app = FastAPI(
+    title="Flywheel",
+    description="Generation, OpenAI-compatible API and feedback.",
+    dependencies=[Depends(json_bodies_only)],
+)
 install_error_handlers(app)
-
-
-# Latency buckets 40% apart from 50 ms to 5 min: BentoML's default jumps from 10 s to 30 s,
-# where most LLM requests fall, and the monitor's quantiles interpolate inside a bucket.
-LATENCY_BUCKETS = {"min": 0.05, "max": 300.0, "factor": 1.4}
+CLIENT = [Depends(client_auth)]
 
 
 @bentoml.service(
@@ -91,41 +109,49 @@ class Flywheel:
     generator = bentoml.depends(Generator)
 
     def __init__(self) -> None:
-        self.gateway = Gateway(SETTINGS, self.generator)
+        self.gateway = Gateway(SETTINGS, self.generator, PROFILE.registry.model_name)
+        self.gateway.announce_version()
+        drain_on_sigterm()
 
     @bentoml.on_shutdown
     def _close(self) -> None:
-        self.gateway.close()
+        self.gateway.close()  # drains the inference log
 
     @app.get("/", include_in_schema=False)
     def playground(self) -> HTMLResponse:
         return HTMLResponse(playground_html())
 
-    @app.post("/generate")
-    async def generate(self, request: Request) -> JSONResponse:
-        return await self.gateway.generate(request)
+    @app.post("/generate", dependencies=CLIENT)
+    async def generate(self, body: GenerateRequest) -> GenerateResponse:
+        return await self.gateway.generate(body)
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(self, request: Request) -> JSONResponse | StreamingResponse:
-        return await self.gateway.chat_completions(request)
+    @app.post("/v1/chat/completions", dependencies=CLIENT, response_model=None)
+    async def chat_completions(
+        self, body: ChatCompletionRequest
+    ) -> JSONResponse | StreamingResponse:
+        return await self.gateway.chat_completions(body)
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(self, request: Request) -> JSONResponse | StreamingResponse:
-        return await self.gateway.completions(request)
+    @app.post("/v1/completions", dependencies=CLIENT, response_model=None)
+    async def completions(self, body: CompletionRequest) -> JSONResponse | StreamingResponse:
+        return await self.gateway.completions(body)
 
-    @app.get("/v1/models")
-    async def models(self, request: Request) -> JSONResponse:
-        return await self.gateway.models(request)
+    @app.get("/v1/models", dependencies=CLIENT)
+    def models(self) -> dict:
+        return self.gateway.models()
 
-    @app.post("/feedback")
-    async def feedback(self, request: Request) -> JSONResponse:
-        return await self.gateway.feedback(request)
+    @app.get("/v1/models/{model_id:path}", dependencies=CLIENT)
+    def model(self, model_id: str) -> dict:
+        return self.gateway.model(model_id)
 
-    @app.post("/admin/reload")
-    async def reload(self, request: Request) -> JSONResponse:
-        return await self.gateway.reload(request)
+    @app.post("/feedback", dependencies=CLIENT)
+    async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
+        return await self.gateway.feedback(body)
+
+    @app.post("/admin/reload", dependencies=[Depends(admin_auth)])
+    async def reload(self, body: ReloadRequest) -> dict:
+        return await self.gateway.reload(body)
 
 
 # On the service, not the mounted app, so BentoML's own routes (/metrics, /healthz) carry it too.
 # (`@bentoml.service` returns a Service object; its type stub still says the class.)
-Flywheel.add_asgi_middleware(ModelVersionHeader)  # type: ignore[attr-defined]
+Flywheel.add_asgi_middleware(ServiceEdge)  # type: ignore[attr-defined]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,25 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+
+
+# Below this temperature sampling is greedy decoding in all but name, and dividing the logits
+# by a number this small overflows them to inf (then NaN probabilities): decode greedily.
+MIN_SAMPLING_TEMPERATURE = 1e-3
+
+
+def sampling_args(temperature: float, top_p: float) -> dict[str, Any]:
+    """`generate` keyword arguments for the decoding settings (greedy at temperature ~0)."""
+    if temperature < MIN_SAMPLING_TEMPERATURE:
+        return {"do_sample": False}
+    # remove_invalid_values: a guard that turns any inf/NaN logit into a finite one, so a
+    # numerical edge never reaches the sampler as NaN probabilities.
+    return {
+        "do_sample": True,
+        "temperature": temperature,
+        "top_p": top_p,
+        "remove_invalid_values": True,
+    }
 
 
 def _truncate_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -162,11 +182,7 @@ def _generate_group(
         [r.prompt for r in requests], return_tensors="pt", padding=True, add_special_tokens=False
     ).to(model.device)
     first = requests[0]
-    sampling = (
-        {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
-        if first.temperature > 0
-        else {"do_sample": False}
-    )
+    sampling = sampling_args(first.temperature, first.top_p)
     prompt_len = batch["input_ids"].shape[1]
     logprobs = TokenLogProbs()
     output = model.generate(
@@ -224,45 +240,71 @@ def generate_chat(
     )
 
 
-def stream_request(model: Any, tokenizer: Any, request: GenerationRequest) -> Iterator[str]:
-    """Yield the answer's text in pieces as it is generated (one request, no batching)."""
-    from threading import Thread
+def stream_request(
+    model: Any,
+    tokenizer: Any,
+    request: GenerationRequest,
+    lock: AbstractContextManager[Any] | None = None,
+) -> Generator[str, None, None]:
+    """Yield the answer's text in pieces as it is generated (one request, no batching).
 
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
+    `generate` runs in a worker thread, under `lock` when given (one model call at a time).
+    Generation stops as soon as the reader stops reading (a stop string, a closed stream), and
+    an error in the worker is raised here instead of leaving the reader waiting for ever.
+    """
+    import threading
+
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     batch = tokenizer([request.prompt], return_tensors="pt", add_special_tokens=False).to(
         model.device
     )
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = (
-        {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
-        if request.temperature > 0
-        else {"do_sample": False}
-    )
+    cancelled = threading.Event()
+    failure: list[BaseException] = []
+
+    class WhenCancelled(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            import torch
+
+            return torch.full((input_ids.shape[0],), cancelled.is_set(), device=input_ids.device)
+
     limits = _row_limits(tokenizer, [request], batch["input_ids"].shape[1])
-    worker = Thread(
-        target=model.generate,
-        daemon=True,
-        kwargs={
-            **batch,
-            "max_new_tokens": request.max_new_tokens,
-            "streamer": streamer,
-            "pad_token_id": tokenizer.pad_token_id,
-            "stopping_criteria": StoppingCriteriaList([limits]),
-            **sampling,
-        },
-    )
+
+    def work() -> None:
+        try:
+            with lock or nullcontext():
+                if not cancelled.is_set():
+                    model.generate(
+                        **batch,
+                        max_new_tokens=request.max_new_tokens,
+                        streamer=streamer,
+                        pad_token_id=tokenizer.pad_token_id,
+                        stopping_criteria=StoppingCriteriaList([limits, WhenCancelled()]),
+                        **sampling_args(request.temperature, request.top_p),
+                    )
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            streamer.end()  # the reader's loop ends even when generate never started
+
+    worker = threading.Thread(target=work, daemon=True, name="stream-generate")
     worker.start()
     emitted = ""
-    for piece in streamer:
-        candidate = emitted + piece
-        text = _truncate_at_stop(candidate, request.stop)
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
-            emitted = text
-        if len(text) < len(candidate):  # a stop string appeared: the answer ends here
-            break
-    worker.join()
+    try:
+        for piece in streamer:
+            candidate = emitted + piece
+            text = _truncate_at_stop(candidate, request.stop)
+            if len(text) > len(emitted):
+                yield text[len(emitted) :]
+                emitted = text
+            if len(text) < len(candidate):  # a stop string appeared: the answer ends here
+                break
+    finally:
+        cancelled.set()
+        worker.join()
+    if failure:
+        raise RuntimeError(f"generation failed: {failure[0]}") from failure[0]
 
 
 def answer_log_likelihoods(

@@ -1,16 +1,25 @@
-"""Request and response shapes of the public API, and the OpenAI wire format.
+"""Request bodies of the public API, its errors, and the OpenAI wire shapes.
 
-Plain pydantic, so the service validates with them and tests can build them without a server.
-Errors follow OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+Request bodies are pydantic models that FastAPI validates; every rule about a field lives on
+the field, so a wrong type, a non-finite number or an out-of-range value anywhere is a 4xx
+naming it. Responses in OpenAI's format are built from the types the `openai` package ships,
+so they cannot drift from what its client parses. Errors follow OpenAI's shape:
+`{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from openai.types import Completion, CompletionChoice, CompletionUsage, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice as ChatChoice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+MAX_STOP_SEQUENCES = 4
 
 
 class ApiError(Exception):
@@ -22,40 +31,50 @@ class ApiError(Exception):
         message: str,
         param: str | None = None,
         code: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {
-            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
-        }
+        return error_body(self.status, self.message, self.param, self.code)
 
 
-def _stop_list(value: Any) -> list[str]:
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or kind}}
+
+
+def _as_list(value: Any) -> Any:
+    """OpenAI's `stop` is a string or a list of strings; anything else fails as a list."""
     if value is None:
         return []
-    stops = [value] if isinstance(value, str) else list(value)
-    if len(stops) > 4:
-        raise ValueError("at most 4 stop sequences")
-    return stops
+    return [value] if isinstance(value, str) else value
 
 
-class SamplingFields(BaseModel):
+Stop = Annotated[
+    list[Annotated[str, Field(min_length=1)]],
+    BeforeValidator(_as_list),
+    Field(max_length=MAX_STOP_SEQUENCES),
+]
+
+
+class Body(BaseModel):
+    """A request body: no NaN or infinity anywhere, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class SamplingFields(Body):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list)
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stops(cls, value: Any) -> list[str]:
-        return _stop_list(value)
+    stop: Stop = Field(default_factory=list)
 
 
 class GenerateRequest(SamplingFields):
-    model_config = ConfigDict(extra="forbid")
-
     prompt: str = Field(min_length=1)
     max_new_tokens: int | None = Field(default=None, ge=1)
 
@@ -69,119 +88,149 @@ class GenerateResponse(BaseModel):
     latency_ms: float
 
 
-class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FeedbackRequest(Body):
     request_id: str = Field(min_length=1, max_length=64)
     rating: Literal["up", "down"]
     correction: str | None = Field(default=None, max_length=20_000)
     comment: str | None = Field(default=None, max_length=5_000)
 
 
-class ChatMessage(BaseModel):
+class FeedbackResponse(BaseModel):
+    request_id: str
+    rating: str
+    stored: bool
+
+
+class ReloadRequest(Body):
+    model_uri: str = Field(min_length=1, max_length=500)
+
+
+class ChatMessage(Body):
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class ChatCompletionRequest(SamplingFields):
+class OpenAIBody(SamplingFields):
     # Ignore the OpenAI parameters we do not implement (penalties, logit_bias, ...), as
     # OpenAI-compatible servers commonly do, rather than failing every such client.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
+    stream: bool = False
+    n: Literal[1] = 1
+
+
+class ChatCompletionRequest(OpenAIBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    stream: bool = False
-    n: Literal[1] = 1
 
 
-class CompletionRequest(SamplingFields):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
+class CompletionRequest(OpenAIBody):
     prompt: str = Field(min_length=1)
     max_tokens: int | None = Field(default=16, ge=1)
-    stream: bool = False
-    n: Literal[1] = 1
     echo: Literal[False] = False
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def finish_reason(completion_tokens: int, limit: int) -> str:
+def finish_reason(completion_tokens: int, limit: int) -> Literal["length", "stop"]:
     return "length" if completion_tokens >= limit else "stop"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
+    return CompletionUsage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def wire(model: BaseModel) -> dict[str, Any]:
+    """An openai type as the JSON the API sends: the fields that were set, nothing else."""
+    return model.model_dump(mode="json", exclude_unset=True)
 
 
 def chat_completion(
     request_id: str, model: str, text: str, prompt_tokens: int, completion_tokens: int, limit: int
-) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason(completion_tokens, limit),
-            }
+) -> ChatCompletion:
+    return ChatCompletion(
+        id=request_id,
+        object="chat.completion",
+        created=int(time.time()),
+        model=model,
+        choices=[
+            ChatChoice(
+                index=0,
+                message=ChatCompletionMessage(role="assistant", content=text),
+                finish_reason=finish_reason(completion_tokens, limit),
+                logprobs=None,
+            )
         ],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+        usage=_usage(prompt_tokens, completion_tokens),
+    )
 
 
 def text_completion(
     request_id: str, model: str, text: str, prompt_tokens: int, completion_tokens: int, limit: int
-) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": finish_reason(completion_tokens, limit),
-            }
+) -> Completion:
+    return Completion(
+        id=request_id,
+        object="text_completion",
+        created=int(time.time()),
+        model=model,
+        choices=[
+            CompletionChoice(
+                index=0,
+                text=text,
+                logprobs=None,
+                finish_reason=finish_reason(completion_tokens, limit),
+            )
         ],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
-
-
-def sse(data: dict[str, Any] | str) -> str:
-    """One server-sent event line in OpenAI's stream format."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+        usage=_usage(prompt_tokens, completion_tokens),
+    )
 
 
 def chat_chunk(
-    request_id: str, model: str, created: int, delta: dict[str, str], finish: str | None = None
-) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
+    request_id: str,
+    model: str,
+    created: int,
+    delta: ChoiceDelta,
+    finish: Literal["length", "stop"] | None = None,
+) -> ChatCompletionChunk:
+    return ChatCompletionChunk(
+        id=request_id,
+        object="chat.completion.chunk",
+        created=created,
+        model=model,
+        choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)],
+    )
 
 
 def completion_chunk(
-    request_id: str, model: str, created: int, text: str, finish: str | None = None
-) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-    }
+    request_id: str,
+    model: str,
+    created: int,
+    text: str,
+    finish: Literal["length", "stop"] | None = None,
+) -> Completion:
+    # Stream chunks carry `finish_reason: null` until the last; the type only allows a value
+    # (the client builds chunks without validating), so this one is built the same way.
+    choice = CompletionChoice.model_construct(
+        index=0,
+        text=text,
+        logprobs=None,
+        finish_reason=finish,  # type: ignore[arg-type]
+    )
+    return Completion(
+        id=request_id, object="text_completion", created=created, model=model, choices=[choice]
+    )
+
+
+def model_card(model_id: str, version: str) -> Model:
+    """One served model as `/v1/models` lists it (with the served version as an extra field)."""
+    return Model(id=model_id, object="model", created=0, owned_by="flywheel", version=version)
+
+
+def sse(data: BaseModel | str) -> str:
+    """One server-sent event line in OpenAI's stream format."""
+    text = data if isinstance(data, str) else data.model_dump_json(exclude_unset=True)
+    return f"data: {text}\n\n"

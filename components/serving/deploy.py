@@ -21,8 +21,10 @@ from components.process import Server, ServerError, answers, stop_group
 from components.serving.auth import admin_key, api_key
 
 STARTUP_TIMEOUT_S = 300
-# The service's own drain bound (service/service.py) plus a margin for the process tree.
-SHUTDOWN_TIMEOUT_S = 45
+# On SIGTERM the service refuses new requests (503) and gives those in flight this long to
+# finish before they are cut; then it flushes the inference log and exits.
+DRAIN_TIMEOUT_S = 30
+SHUTDOWN_TIMEOUT_S = DRAIN_TIMEOUT_S + 15  # the drain, the log flush and the process tree
 
 
 class DeployError(RuntimeError):
@@ -73,7 +75,10 @@ def _pid_file() -> Path:
 
 def serve_command(port: int) -> list[str]:
     """`bentoml serve` of the repository's service (bentofile.yaml) on `port`."""
-    return [sys.executable, "-m", "bentoml", "serve", ".", "--port", str(port)]
+    return [
+        *(sys.executable, "-m", "bentoml", "serve", ".", "--port", str(port)),
+        *("--timeout-graceful-shutdown", str(DRAIN_TIMEOUT_S)),
+    ]
 
 
 def start_service(profile: str, model_uri: str, port: int) -> int:

@@ -5,9 +5,11 @@ Kept free of BentoML so it can be tested in-process; service/ wraps it in BentoM
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from components.config import PipelineConfig, ServeConfig, load_profile
 from components.model.chat import render_chat
 from components.model.generation import GenerationRequest, generate_requests, stream_request
 from components.paths import flywheel_home
+
+log = logging.getLogger("flywheel.generator")
 
 
 def serving_profile() -> PipelineConfig:
@@ -56,6 +60,12 @@ class GenerationOutput(BaseModel):
     model_version: str = ""
     error: str | None = None
     error_param: str | None = None
+    error_code: str | None = None
+    error_status: int = 400  # the HTTP status the gateway answers the error with
+
+
+def _failed(message: str, code: str, status: int = 400) -> GenerationOutput:
+    return GenerationOutput(error=message, error_code=code, error_status=status)
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,10 @@ class LoadedModel:
     context_length: int
 
 
+class ModelNotFound(LookupError):
+    """The registry has no such model version or alias."""
+
+
 def resolve_model_uri(uri: str) -> tuple[str, str]:
     """`models:/name@alias` or `models:/name/version` -> (name, version)."""
     from components.registry.tracking import mlflow_client
@@ -76,13 +90,21 @@ def resolve_model_uri(uri: str) -> tuple[str, str]:
             f"model URI must look like models:/<name>@<alias> or "
             f"models:/<name>/<version>, got {uri!r}"
         )
+    from mlflow.exceptions import MlflowException
+
+    from components.paths import tracking_uri
+
     ref = uri.removeprefix("models:/")
     client = mlflow_client()
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return name, str(client.get_model_version_by_alias(name, alias).version)
-    name, version = ref.rsplit("/", 1)
-    return name, str(client.get_model_version(name, version).version)
+    name, sep, alias = ref.partition("@")
+    try:
+        if sep:
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        name, version = ref.rsplit("/", 1)
+        return name, str(client.get_model_version(name, version).version)
+    except MlflowException:
+        what = f"no {alias} for {name}" if sep else f"no version {ref}"
+        raise ModelNotFound(f"{what} in {tracking_uri()}: run make train first") from None
 
 
 def load_model_version(name: str, version: str) -> LoadedModel:
@@ -100,44 +122,115 @@ def load_model_version(name: str, version: str) -> LoadedModel:
 
 
 class ServedModel:
-    """The current model; `swap` loads and warms the next one before switching to it."""
+    """The current model, loaded in the background; `swap` loads and warms the next one
+    before switching to it. Until the first model is in, `ready` is False and every call
+    answers `model_not_ready`, so the service can say so at once instead of hanging."""
 
-    def __init__(self, loaded: LoadedModel, warmup: bool = True) -> None:
-        if warmup:
-            self._warm(loaded)
-        self._current = loaded
-        self._lock = threading.Lock()
+    def __init__(self, warmup: bool = True) -> None:
+        self.warmup = warmup
+        self._current: LoadedModel | None = None
+        self.error: str | None = None
         # One model call at a time: concurrent generate calls on a CPU fight over the same
         # cores and are slower together than in turn. Batching is what adds throughput.
         self.compute = threading.Lock()
 
     @classmethod
     def from_uri(cls, uri: str, warmup: bool = True) -> ServedModel:
-        return cls(load_model_version(*resolve_model_uri(uri)), warmup)
+        """Load `uri` now (in this thread)."""
+        served = cls(warmup)
+        served.swap(uri)
+        return served
+
+    @classmethod
+    def load_in_background(cls, uri: str, warmup: bool = True) -> ServedModel:
+        """Start loading `uri` in a thread; a model that cannot be found is one logged line."""
+        served = cls(warmup)
+
+        def load() -> None:
+            try:
+                served.swap(uri)
+            except ModelNotFound as exc:
+                served.error = str(exc)
+                log.error("%s", exc)
+            except Exception as exc:
+                served.error = f"cannot load {uri}: {exc}"
+                log.exception("cannot load %s", uri)
+
+        threading.Thread(target=load, name="model-load", daemon=True).start()
+        return served
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
 
     @property
     def current(self) -> LoadedModel:
+        if self._current is None:
+            raise ModelNotReady(self.error or "the model is still loading")
         return self._current
 
-    @staticmethod
-    def _warm(loaded: LoadedModel) -> None:
+    def _warm(self, loaded: LoadedModel) -> None:
         # The first generate call pays for lazy initialisation; do it before taking traffic.
-        run_inputs(
-            loaded,
-            [GenerationInput(messages=[{"role": "user", "content": "Hello"}], max_new_tokens=2)],
-        )
+        if self.warmup:
+            hello = GenerationInput(
+                messages=[{"role": "user", "content": "Hello"}], max_new_tokens=2
+            )
+            run_inputs(loaded, [hello])
 
     def swap(self, uri: str) -> LoadedModel:
         """Load and warm the model at `uri`, then switch; in-flight calls finish on the old."""
         loaded = load_model_version(*resolve_model_uri(uri))
         self._warm(loaded)
-        with self._lock:
-            self._current = loaded
+        self._current = loaded  # one reference assignment: atomic for readers
+        self.error = None
         return loaded
 
     def generate(self, inputs: list[GenerationInput]) -> list[GenerationOutput]:
+        try:
+            loaded = self.current
+        except ModelNotReady as exc:
+            return [_failed(f"the model is not ready: {exc}", "model_not_ready", 503)] * len(inputs)
         with self.compute:
-            return run_inputs(self._current, inputs)
+            return run_inputs(loaded, inputs)
+
+    def stream(self, item: GenerationInput) -> Generator[GenerationOutput, None, None]:
+        """Pieces of the answer as outputs; the last one carries the token counts.
+
+        Streams take the same one-call-at-a-time lock as batches (inside the generation
+        thread, so a slow reader never holds it), and an error ends the stream with an
+        error output instead of a hang."""
+        try:
+            loaded = self.current
+        except ModelNotReady as exc:
+            yield _failed(f"the model is not ready: {exc}", "model_not_ready", 503)
+            return
+        checked = check_input(loaded, item)
+        if isinstance(checked, GenerationOutput):
+            yield checked
+            return
+        prompt, n_prompt = checked
+        text = ""
+        pieces = stream_request(
+            loaded.model, loaded.tokenizer, _request(prompt, item), self.compute
+        )
+        try:
+            for piece in pieces:
+                text += piece
+                yield GenerationOutput(text=piece, model_version=loaded.version)
+        except Exception as exc:
+            log.warning("stream failed: %s", exc)
+            yield _failed(str(exc), "generation_failed", 500)
+            return
+        finally:
+            pieces.close()
+        completion = len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+        yield GenerationOutput(
+            prompt_tokens=n_prompt, completion_tokens=completion, model_version=loaded.version
+        )
+
+
+class ModelNotReady(RuntimeError):
+    """No model is loaded yet (still loading, or it could not be loaded)."""
 
 
 def _prompt_text(loaded: LoadedModel, item: GenerationInput) -> str:
@@ -146,28 +239,54 @@ def _prompt_text(loaded: LoadedModel, item: GenerationInput) -> str:
     return item.text or ""
 
 
+def _request(prompt: str, item: GenerationInput) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=prompt,
+        max_new_tokens=item.max_new_tokens,
+        temperature=item.temperature,
+        top_p=item.top_p,
+        stop=tuple(item.stop),
+    )
+
+
 def check_input(loaded: LoadedModel, item: GenerationInput) -> tuple[str, int] | GenerationOutput:
     """(prompt text, prompt tokens), or an error output naming the offending field."""
     param = "messages" if item.messages is not None else "prompt"
     try:
         prompt = _prompt_text(loaded, item)
     except Exception as exc:  # a template that rejects this conversation
-        return GenerationOutput(error=f"cannot apply the chat template: {exc}", error_param=param)
+        error = _failed(f"cannot apply the chat template: {exc}", "invalid_request_error")
+        return error.model_copy(update={"error_param": param})
     n_tokens = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if n_tokens + item.max_new_tokens > loaded.context_length:
-        return GenerationOutput(
-            error=(
-                f"the prompt is {n_tokens} tokens; with max_new_tokens "
-                f"{item.max_new_tokens} it exceeds the model's context of "
-                f"{loaded.context_length} tokens"
-            ),
-            error_param=param,
+        error = _failed(
+            f"the prompt is {n_tokens} tokens; with max_new_tokens {item.max_new_tokens} it "
+            f"exceeds the model's context of {loaded.context_length} tokens",
+            "context_length_exceeded",
         )
+        return error.model_copy(update={"error_param": param})
     return prompt, n_tokens
 
 
+def _outputs(loaded: LoadedModel, requests: list[GenerationRequest]) -> list[GenerationOutput]:
+    results = generate_requests(loaded.model, loaded.tokenizer, requests)
+    return [
+        GenerationOutput(
+            text=r.text,
+            prompt_tokens=r.prompt_tokens,
+            completion_tokens=r.completion_tokens,
+            confidence=r.confidence,
+            model_version=loaded.version,
+        )
+        for r in results
+    ]
+
+
 def run_inputs(loaded: LoadedModel, inputs: list[GenerationInput]) -> list[GenerationOutput]:
-    """Generate for every valid input in batched calls; invalid ones get an error output."""
+    """Generate for every valid input in batched calls; invalid ones get an error output.
+
+    If a batched call fails, its requests are retried one by one, so a request that breaks
+    generation fails alone and the others in its batch still get their answers."""
     outputs: list[GenerationOutput | None] = [None] * len(inputs)
     valid: list[tuple[int, GenerationRequest]] = []
     for i, item in enumerate(inputs):
@@ -175,50 +294,19 @@ def run_inputs(loaded: LoadedModel, inputs: list[GenerationInput]) -> list[Gener
         if isinstance(checked, GenerationOutput):
             outputs[i] = checked
         else:
-            valid.append(
-                (
-                    i,
-                    GenerationRequest(
-                        prompt=checked[0],
-                        max_new_tokens=item.max_new_tokens,
-                        temperature=item.temperature,
-                        top_p=item.top_p,
-                        stop=tuple(item.stop),
-                    ),
-                )
-            )
-    if valid:
-        results = generate_requests(loaded.model, loaded.tokenizer, [r for _, r in valid])
-        for (i, _), result in zip(valid, results, strict=True):
-            outputs[i] = GenerationOutput(
-                text=result.text,
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                confidence=result.confidence,
-                model_version=loaded.version,
-            )
-    return [o if o is not None else GenerationOutput(error="not generated") for o in outputs]
-
-
-def stream_input(loaded: LoadedModel, item: GenerationInput):  # -> Iterator[GenerationOutput]
-    """Pieces of the answer as outputs; the last one carries the token counts."""
-    checked = check_input(loaded, item)
-    if isinstance(checked, GenerationOutput):
-        yield checked
-        return
-    prompt, n_prompt = checked
-    request = GenerationRequest(
-        prompt=prompt,
-        max_new_tokens=item.max_new_tokens,
-        temperature=item.temperature,
-        top_p=item.top_p,
-        stop=tuple(item.stop),
-    )
-    text = ""
-    for piece in stream_request(loaded.model, loaded.tokenizer, request):
-        text += piece
-        yield GenerationOutput(text=piece, model_version=loaded.version)
-    completion = len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
-    yield GenerationOutput(
-        text="", prompt_tokens=n_prompt, completion_tokens=completion, model_version=loaded.version
-    )
+            valid.append((i, _request(checked[0], item)))
+    if not valid:
+        return [o for o in outputs if o is not None]
+    try:
+        results = _outputs(loaded, [r for _, r in valid])
+    except Exception as batch_error:
+        log.warning("batched generation failed (%s); retrying its requests one by one", batch_error)
+        results = []
+        for _, request in valid:
+            try:
+                results.extend(_outputs(loaded, [request]))
+            except Exception as exc:
+                results.append(_failed(f"generation failed: {exc}", "generation_failed", 500))
+    for (i, _), output in zip(valid, results, strict=True):
+        outputs[i] = output
+    return [o for o in outputs if o is not None]
