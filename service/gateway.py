@@ -52,6 +52,7 @@ from components.serving.auth import admin_key, api_key
 from components.serving.model import (
     GenerationInput,
     GenerationOutput,
+    ModelNotFound,
     default_model_uri,
     resolve_model_uri,
 )
@@ -108,20 +109,35 @@ class ServiceEdge:
 
     Every response carries `x-model-version`; 429 and 503 carry `Retry-After`; an error answer
     that is not JSON (a 404 or 405 from the router, for one) is rewritten as an OpenAI error;
-    while draining, new API requests get 503.
+    past `max_concurrency` requests in flight a request gets 429 at once; while draining, new
+    requests get 503. Health and metrics routes are never refused.
     """
 
-    def __init__(self, app: Any) -> None:
+    OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
+
+    def __init__(self, app: Any, max_concurrency: int) -> None:
         self.app = app
+        self.slots = anyio.Semaphore(max_concurrency)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if Draining.active and scope.get("path") not in ("/healthz", "/livez", "/metrics"):
+        if scope.get("path") in self.OPEN_PATHS:
+            await self._call(scope, receive, send)
+            return
+        if Draining.active:
             body = error_body(503, "the service is shutting down; retry shortly", code="draining")
             await _send_json(send, 503, body, [(b"connection", b"close")])
             return
+        if self.slots.value == 0:
+            body = error_body(429, "too many requests in flight; retry shortly", code="overloaded")
+            await _send_json(send, 429, body, [])
+            return
+        async with self.slots:
+            await self._call(scope, receive, send)
+
+    async def _call(self, scope: dict, receive: Any, send: Any) -> None:
         held: dict[str, Any] = {}
 
         async def send_wrapped(message: dict) -> None:
@@ -374,6 +390,8 @@ class Gateway:
         health and metrics included, names it from the start (the generator logs why not)."""
         try:
             _, version = resolve_model_uri(default_model_uri())
+        except ModelNotFound:
+            return  # the generator says so, in one line
         except Exception as exc:
             log.warning("serving version not known yet: %s", exc)
             return

@@ -99,7 +99,7 @@ CLIENT = [Depends(client_auth)]
 
 @bentoml.service(
     name="flywheel",
-    traffic={"timeout": SETTINGS.request_timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+    traffic={"timeout": SETTINGS.request_timeout_s},
     metrics={"enabled": True, "duration": LATENCY_BUCKETS},
 )
 @bentoml.asgi_app(app, path="/")
@@ -154,4 +154,4 @@ class Flywheel:
 
 # On the service, not the mounted app, so BentoML's own routes (/metrics, /healthz) carry it too.
 # (`@bentoml.service` returns a Service object; its type stub still says the class.)
-Flywheel.add_asgi_middleware(ServiceEdge)  # type: ignore[attr-defined]
+Flywheel.add_asgi_middleware(ServiceEdge, max_concurrency=SETTINGS.max_concurrency)  # type: ignore[attr-defined]

@@ -43,7 +43,9 @@ def test_openai_client_works_unchanged(served) -> None:
         )
     )
     text = "".join(p.choices[0].delta.content or "" for p in pieces)
-    assert text and pieces[-1].choices[0].finish_reason in ("length", "stop")
+    # The tiny random model does not end its turn within 5 tokens: the limit ends the stream.
+    assert text and pieces[-1].choices[0].finish_reason == "length"
+    assert [p.choices[0].finish_reason for p in pieces[:-1]] == [None] * (len(pieces) - 1)
     assert pieces[0].choices[0].delta.role == "assistant"
 
     completion = client.completions.create(
@@ -59,6 +61,10 @@ def test_openai_client_works_unchanged(served) -> None:
 
     with pytest.raises(NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "Hi"}])
+    retrieved = client.models.retrieve("flywheel-llm-tiny")
+    assert retrieved.id == "flywheel-llm-tiny" and retrieved.owned_by == "flywheel"
+    with pytest.raises(NotFoundError):
+        client.models.retrieve("gpt-4")
 
 
 def test_stream_ends_with_done(served) -> None:
@@ -165,6 +171,52 @@ BAD_REQUESTS = [
     ),
     ("/v1/completions", b'{"prompt": "x", "n": 3}', 422, "n"),
     ("/feedback", b'{"request_id": "x", "rating": "meh"}', 422, "rating"),
+    # Wrong types in optional fields, on every route that has them.
+    ("/generate", b'{"prompt": "hi", "stop": 5}', 422, "stop"),
+    ("/generate", b'{"prompt": "hi", "stop": true}', 422, "stop"),
+    ("/generate", b'{"prompt": "hi", "stop": ["ok", 3]}', 422, "stop.1"),
+    ("/generate", b'{"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', 422, "stop"),
+    ("/generate", b'{"prompt": "hi", "temperature": "warm"}', 422, "temperature"),
+    ("/generate", b'{"prompt": "hi", "top_p": [1]}', 422, "top_p"),
+    ("/generate", b'{"prompt": "hi", "max_new_tokens": 2.5}', 422, "max_new_tokens"),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "stop": {}}',
+        422,
+        "stop",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": 7}]}',
+        422,
+        "messages.0.content",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "stream": "maybe"}',
+        422,
+        "stream",
+    ),
+    ("/v1/completions", b'{"prompt": "x", "stop": false}', 422, "stop"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": "many"}', 422, "max_tokens"),
+    ("/feedback", b'{"request_id": "x", "rating": "up", "correction": 5}', 422, "correction"),
+    ("/feedback", b'{"request_id": 12, "rating": "up"}', 422, "request_id"),
+    # Numbers at the edges: huge integers, non-finite floats, values past the float range.
+    (
+        "/generate",
+        b'{"prompt": "hi", "max_new_tokens": 1' + b"0" * 1000 + b"}",
+        422,
+        "max_new_tokens",
+    ),
+    ("/generate", b'{"prompt": "hi", "max_new_tokens": 1' + b"0" * 5000 + b"}", 400, None),
+    ("/generate", b'{"prompt": "hi", "temperature": 1' + b"0" * 400 + b"}", 422, "temperature"),
+    ("/generate", b'{"prompt": "hi", "temperature": 1e999}', 422, "temperature"),
+    ("/generate", b'{"prompt": "hi", "temperature": NaN}', 422, "temperature"),
+    ("/generate", b'{"prompt": "hi", "top_p": -Infinity}', 422, "top_p"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": Infinity}', 422, "temperature"),
+    # Deeply nested JSON, in a known field and in an ignored one.
+    ("/generate", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
+    ("/v1/completions", b'{"prompt": "x", "user": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
 ]
 
 
@@ -218,22 +270,27 @@ def test_overload_is_refused_quickly_not_queued_forever(champion_home, tmp_path)
     try:
         service.wait_ready()
 
-        def call(_: int) -> tuple[int, float]:
+        def call(_: int) -> tuple[int, float, str | None]:
             started = time.perf_counter()
             response = httpx.post(
                 f"{service.url}/generate",
                 timeout=120,
                 json={"prompt": "Explain everything.", "max_new_tokens": 200},
             )
-            return response.status_code, time.perf_counter() - started
+            return (
+                response.status_code,
+                time.perf_counter() - started,
+                response.headers.get("retry-after"),
+            )
 
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             results = list(pool.map(call, range(12)))
-        statuses = [status for status, _ in results]
+        statuses = [status for status, _, _ in results]
         assert 200 in statuses and 429 in statuses, statuses
         assert set(statuses) <= {200, 429}
-        slowest_refusal = max(seconds for status, seconds in results if status == 429)
-        assert slowest_refusal < 2.0  # refused at once, not after waiting in a queue
+        refusals = [(seconds, wait) for status, seconds, wait in results if status == 429]
+        assert max(seconds for seconds, _ in refusals) < 2.0  # at once, not after a queue
+        assert {wait for _, wait in refusals} == {"2"}  # and says when to come back
     finally:
         service.stop()
 
@@ -253,3 +310,69 @@ def test_monitor_reads_the_live_service(served) -> None:
     assert window.p50_s is not None and window.p50_s < 30
     bounds = [le for le, _ in scrape(served.url).latency_buckets]
     assert sum(10 < le < 30 for le in bounds) >= 2
+
+
+def test_unknown_routes_and_methods_answer_json(served) -> None:
+    for response in (
+        httpx.get(f"{served.url}/no-such-route"),
+        httpx.post(f"{served.url}/metrics", json={}),  # one of BentoML's own routes
+        httpx.put(f"{served.url}/generate", json={"prompt": "hi"}),
+    ):
+        assert response.status_code in (404, 405), response.text
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json()["error"]["message"]
+        assert response.headers["x-model-version"] == "1"
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/chat/completions", "/feedback"])
+def test_state_changing_routes_take_json_only(served, path) -> None:
+    # What a web page can send to another origin without asking first.
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": content_type} if content_type else {}
+        response = httpx.post(f"{served.url}{path}", content=b'{"prompt": "hi"}', headers=headers)
+        assert response.status_code == 415, (content_type, response.text)
+
+
+def test_admin_reload_needs_the_admin_key(served, champion_home) -> None:
+    url = f"{served.url}/admin/reload"
+    body = {"model_uri": "models:/flywheel-llm-tiny/1"}
+    assert httpx.post(url, json=body, timeout=60).status_code == 401
+    wrong = httpx.post(url, json=body, headers={"authorization": "Bearer guess"}, timeout=60)
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    key = (champion_home / "admin.key").read_text().strip()  # made by the service on start
+    auth = {"authorization": f"Bearer {key}"}
+    as_text = httpx.post(
+        url, content=b'{"model_uri": "x"}', headers={**auth, "content-type": "text/plain"}
+    )
+    assert as_text.status_code == 415
+    reloaded = httpx.post(url, json=body, headers=auth, timeout=120)
+    assert reloaded.status_code == 200 and reloaded.json()["version"] == "1"
+
+
+def test_a_vanishing_temperature_neither_fails_nor_stalls_other_streams(served) -> None:
+    import time
+
+    def stream(temperature: float) -> tuple[int, str, float]:
+        started = time.perf_counter()
+        with httpx.stream(
+            "POST",
+            f"{served.url}/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 8,
+                "stream": True,
+                "temperature": temperature,
+            },
+            timeout=60,
+        ) as response:
+            lines = [line for line in response.iter_lines() if line]
+        return response.status_code, lines[-1], time.perf_counter() - started
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(stream, [5e-324, 1e-300, 0.0, 0.7, 5e-324, 0.0]))
+    assert [(status, last) for status, last, _ in results] == [(200, "data: [DONE]")] * 6
+    assert max(seconds for _, _, seconds in results) < 30
+    answer = httpx.post(
+        f"{served.url}/generate", json={"prompt": "hi", "temperature": 1e-300, "max_new_tokens": 4}
+    )
+    assert answer.status_code == 200 and answer.json()["completion_tokens"] == 4

@@ -245,8 +245,9 @@ def stream_request(
     tokenizer: Any,
     request: GenerationRequest,
     lock: AbstractContextManager[Any] | None = None,
-) -> Generator[str, None, None]:
-    """Yield the answer's text in pieces as it is generated (one request, no batching).
+) -> Generator[str, None, int]:
+    """Yield the answer's text in pieces as it is generated (one request, no batching);
+    returns the number of tokens generated.
 
     `generate` runs in a worker thread, under `lock` when given (one model call at a time).
     Generation stops as soon as the reader stops reading (a stop string, a closed stream), and
@@ -262,14 +263,19 @@ def stream_request(
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     cancelled = threading.Event()
     failure: list[BaseException] = []
+    prompt_len = batch["input_ids"].shape[1]
+    generated = [0]
 
     class WhenCancelled(StoppingCriteria):
+        """Counts the generated tokens; stops when the reader has gone."""
+
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
             import torch
 
+            generated[0] = input_ids.shape[1] - prompt_len
             return torch.full((input_ids.shape[0],), cancelled.is_set(), device=input_ids.device)
 
-    limits = _row_limits(tokenizer, [request], batch["input_ids"].shape[1])
+    limits = _row_limits(tokenizer, [request], prompt_len)
 
     def work() -> None:
         try:
@@ -305,6 +311,7 @@ def stream_request(
         worker.join()
     if failure:
         raise RuntimeError(f"generation failed: {failure[0]}") from failure[0]
+    return generated[0]
 
 
 def answer_log_likelihoods(

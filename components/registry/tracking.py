@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,27 @@ def mlflow_client() -> Any:
     """
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=configure_mlflow())
+    uri = configure_mlflow()
+    _create_local_store(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+@functools.cache
+def _create_local_store(uri: str) -> None:
+    """Create a SQLite store's tables once, under a file lock: two processes that open a new
+    store at once (the service's gateway and generator) otherwise race in its migrations."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    lock_path = Path(uri.removeprefix("sqlite:///")).with_suffix(".lock")
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # the tracking tables
+        client.search_registered_models(max_results=1)  # the registry's
 
 
 def ensure_experiment(name: str) -> str:

@@ -209,13 +209,16 @@ class ServedModel:
             yield checked
             return
         prompt, n_prompt = checked
-        text = ""
         pieces = stream_request(
             loaded.model, loaded.tokenizer, _request(prompt, item), self.compute
         )
         try:
-            for piece in pieces:
-                text += piece
+            while True:
+                try:
+                    piece = next(pieces)
+                except StopIteration as end:  # the generator returns the tokens it generated
+                    completion = int(end.value)
+                    break
                 yield GenerationOutput(text=piece, model_version=loaded.version)
         except Exception as exc:
             log.warning("stream failed: %s", exc)
@@ -223,7 +226,6 @@ class ServedModel:
             return
         finally:
             pieces.close()
-        completion = len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
         yield GenerationOutput(
             prompt_tokens=n_prompt, completion_tokens=completion, model_version=loaded.version
         )

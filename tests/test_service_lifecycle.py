@@ -1,0 +1,175 @@
+"""A real `bentoml serve` through its life: start without a champion, shut down under load, and
+keep serving while the inference store is locked by another process."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from components.inference_store import InferenceStore
+from components.serving.deploy import SHUTDOWN_TIMEOUT_S
+from tests.conftest import ServedService, sqlite_uri
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def wait_until_up(service: ServedService, timeout: float = 180) -> None:
+    """The process answers (/healthz), whether or not the model is ready."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert service.process.poll() is None, service.server.log_tail()
+        try:
+            if httpx.get(f"{service.url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(service.server.log_tail())
+
+
+def test_without_a_champion_readyz_says_so_at_once(tmp_path: Path) -> None:
+    home = tmp_path / "empty-home"
+    home.mkdir()
+    service = ServedService(home)
+    try:
+        wait_until_up(service)
+        started = time.perf_counter()
+        ready = httpx.get(f"{service.url}/readyz", timeout=10)
+        assert ready.status_code == 503 and time.perf_counter() - started < 3
+        answer = httpx.post(f"{service.url}/generate", json={"prompt": "hi"}, timeout=10)
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "2"
+        line = f"no champion for flywheel-llm-tiny in {sqlite_uri(home)}: run make train first"
+        assert line in answer.json()["error"]["message"]
+        log = service.log_path.read_text()
+        assert log.count(line) == 1, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+        assert service.process.poll() is None  # no crash loop: the service waits, not ready
+    finally:
+        service.stop()
+
+
+def _answered(url: str, i: int) -> tuple[int, str | None]:
+    try:
+        response = httpx.post(
+            f"{url}/generate",
+            json={"prompt": f"question {i}", "max_new_tokens": 48},
+            timeout=120,
+        )
+    except httpx.HTTPError as exc:  # refused after the listener closed: never answered
+        return -1, type(exc).__name__
+    if response.status_code == 200:
+        return 200, response.json()["request_id"]
+    return response.status_code, response.headers.get("retry-after")
+
+
+def _streamed(url: str, i: int) -> tuple[int, str | None]:
+    body = {
+        "messages": [{"role": "user", "content": f"stream {i}"}],
+        "max_tokens": 48,
+        "stream": True,
+    }
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+            lines = [line for line in r.iter_lines() if line]
+            return r.status_code, lines[-1] if r.status_code == 200 else r.headers.get(
+                "retry-after"
+            )
+    except httpx.HTTPError as exc:
+        return -1, type(exc).__name__
+
+
+def test_sigterm_under_load_drains_within_the_bound_and_logs_every_answer(
+    champion_home: Path, tmp_path: Path
+) -> None:
+    service = ServedService(champion_home, env={"BENTOML_HOME": str(tmp_path / "bentoml")})
+    service.wait_ready()
+    # The served version is known from the first response, health routes included.
+    assert httpx.get(f"{service.url}/healthz").headers["x-model-version"] == "1"
+    url = service.url
+    stop_at = time.monotonic() + 3.0
+
+    def client(i: int) -> list[tuple[str, int, str | None]]:
+        results = []
+        while time.monotonic() < stop_at + 6:  # keeps sending after the SIGTERM
+            kind = "stream" if i % 4 == 0 else "generate"
+            status, detail = (_streamed if kind == "stream" else _answered)(url, i)
+            results.append((kind, status, detail))
+            if status == -1:
+                break
+        return results
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(client, i) for i in range(12)]
+        time.sleep(max(0.0, stop_at - time.monotonic()))
+        os.killpg(service.process.pid, signal.SIGTERM)
+        signalled = time.monotonic()
+        service.process.wait(timeout=SHUTDOWN_TIMEOUT_S + 30)
+        exited_after = time.monotonic() - signalled
+        results = [r for f in futures for r in f.result()]
+
+    assert exited_after < SHUTDOWN_TIMEOUT_S, exited_after
+    assert service.process.returncode == 0
+    statuses = {status for _, status, _ in results}
+    assert statuses <= {200, 503, -1}, results  # answered, refused while draining, or refused
+    answered = [detail for kind, status, detail in results if kind == "generate" and status == 200]
+    streams = [detail for kind, status, detail in results if kind == "stream" and status == 200]
+    assert answered and all(last == "data: [DONE]" for last in streams)  # none was cut off
+    assert all(detail == "2" for _, status, detail in results if status == 503)
+    with InferenceStore(sqlite_uri_of(champion_home)) as store:
+        missing = [rid for rid in answered if store.get(rid) is None]
+    assert not missing, f"{len(missing)} of {len(answered)} answered requests were not logged"
+
+
+def sqlite_uri_of(home: Path) -> str:
+    return f"sqlite:///{home / 'feedback.db'}"
+
+
+def test_a_store_locked_for_10_seconds_loses_nothing(champion_home: Path, tmp_path: Path) -> None:
+    import sqlite3
+    import threading
+
+    service = ServedService(champion_home, env={"BENTOML_HOME": str(tmp_path / "bentoml")})
+    service.wait_ready()
+    first = httpx.post(f"{service.url}/generate", json={"prompt": "before"}, timeout=60).json()
+
+    lock = sqlite3.connect(
+        champion_home / "feedback.db", isolation_level=None, check_same_thread=False
+    )
+    lock.execute("BEGIN EXCLUSIVE")
+    locked_at = time.monotonic()
+    threading.Timer(10.0, lambda: lock.execute("COMMIT")).start()
+    try:
+        ids, slowest = [], 0.0
+        for i in range(10):
+            started = time.perf_counter()
+            response = httpx.post(
+                f"{service.url}/generate", json={"prompt": f"during {i}"}, timeout=60
+            )
+            slowest = max(slowest, time.perf_counter() - started)
+            assert response.status_code == 200, response.text
+            ids.append(response.json()["request_id"])
+        assert time.monotonic() - locked_at < 10  # all answered while the store was locked
+        assert slowest < 5  # logging never waits for the database
+        feedback = httpx.post(
+            f"{service.url}/feedback",
+            json={"request_id": ids[3], "rating": "down", "correction": "a fix"},
+            timeout=60,
+        )  # waits, off the event loop, until its generation is written
+        assert feedback.status_code == 200, feedback.text
+        assert feedback.json()["stored"] is True
+        health = httpx.get(f"{service.url}/healthz", timeout=5)
+        assert health.status_code == 200
+    finally:
+        service.stop()
+        time.sleep(max(0.0, 10.5 - (time.monotonic() - locked_at)))
+        lock.close()
+    with InferenceStore(sqlite_uri_of(champion_home)) as store:
+        assert all(store.get(rid) is not None for rid in [first["request_id"], *ids])
+        rated = [f for f in store.feedback_since(0) if f.request_id == ids[3]]
+        assert rated and rated[0].correction == "a fix"
