@@ -15,21 +15,26 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export BENTOML_HOME ?= $(FLYWHEEL_HOME)/bentoml
 export BENTOML_DO_NOT_TRACK ?= true
+# Library caches go under the home folder too, so nothing is written elsewhere.
+export MPLCONFIGDIR ?= $(FLYWHEEL_HOME)/matplotlib
+export HF_HOME ?= $(FLYWHEEL_HOME)/huggingface
 # A fresh Prefect database takes a while to create on a small machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: help setup labelstudio-setup labelstudio test lint format train demo monitor \
-	annotation-sync serve benchmark lock clean
+.PHONY: help setup labelstudio-setup browser labelstudio test test-fast lint format train demo \
+	monitor annotation-sync serve bento benchmark lock clean
 
 help:
 	@echo "make setup   build $(VENV) from requirements.lock (idempotent)"
 	@echo "make test    set up if needed, then run the whole test suite"
+	@echo "make test-fast  the quick tier: no servers, no real SmolLM2 (about a minute)"
 	@echo "make demo    set up if needed, then run the whole loop on PROFILE=$(PROFILE)"
 	@echo "make train   run the training pipeline once on PROFILE=$(PROFILE)"
 	@echo "make monitor run the monitor once on PROFILE=$(PROFILE) (retrains if it decides to)"
 	@echo "make labelstudio       start Label Studio on port $(LABEL_STUDIO_PORT) (own venv)"
 	@echo "make annotation-sync   push bad answers to Label Studio, pull reviews as data"
 	@echo "make serve   serve the champion of PROFILE=$(PROFILE) on port 3000 (bentoml serve)"
+	@echo "make bento   build a Bento of the service (for bentoml containerize)"
 	@echo "make benchmark  load test with and without adaptive batching"
 	@echo "make lint    ruff + mypy"
 
@@ -52,12 +57,25 @@ $(LABEL_STUDIO_VENV)/.installed:
 
 labelstudio-setup: $(LABEL_STUDIO_VENV)/.installed
 
+# The playground test drives a real headless Chromium (Debian packages).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "installing chromium and chromium-driver (apt) for the playground test"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium chromium-driver >/dev/null; } \
+	  || { echo "could not install chromium; install chromium and chromium-driver" >&2; exit 1; }; \
+	fi
+
 labelstudio: setup labelstudio-setup
 	$(PY) -m scripts.label_studio_server --port $(LABEL_STUDIO_PORT)
 
-test: setup labelstudio-setup
+test: setup labelstudio-setup browser
 	mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	mkdir -p $(PREFECT_HOME)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .
@@ -86,6 +104,11 @@ annotation-sync: setup
 
 serve: setup
 	FLYWHEEL_PROFILE=$(PROFILE) $(VENV)/bin/bentoml serve . --port 3000 --timeout-graceful-shutdown 30
+
+# Code and profiles only: the model is read from the registry when the Bento starts
+# (FLYWHEEL_MODEL_URI, default the profile's champion), so the tag names the commit, not a model.
+bento: setup
+	$(VENV)/bin/bentoml build --version "git-$$(git rev-parse --short HEAD)"
 
 benchmark: setup
 	$(PY) -m benchmarks.serve_load --profile $(PROFILE)

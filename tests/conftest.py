@@ -10,10 +10,66 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def state_home() -> Path:
+    return Path(os.environ.get("FLYWHEEL_HOME", REPO_ROOT / ".flywheel")).resolve()
+
+
+# Caches of the tools themselves: ignored by git and not state of the running system.
+TOOL_CACHES = ("__pycache__/", ".ruff_cache/", ".mypy_cache/")
+
+
+def files_outside_home(home: Path | None = None) -> set[str]:
+    """Untracked and ignored files in the repository outside `home` (default FLYWHEEL_HOME)
+    and the virtual environments."""
+    import subprocess
+
+    listed = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    home = state_home()
+    inside = (
+        home.relative_to(REPO_ROOT).as_posix() + "/" if home.is_relative_to(REPO_ROOT) else None
+    )
+    paths = {line[3:] for line in listed if line[:2] in ("??", "!!")}
+    return {
+        path
+        for path in paths
+        if not path.startswith((".venv/", ".venv-labelstudio/"))
+        and not (inside and path.startswith(inside))
+        and not any(cache in f"/{path}" for cache in TOOL_CACHES)
+    }
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BEFORE] = files_outside_home()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if it wrote anything into the repository outside FLYWHEEL_HOME."""
+    before = session.config.stash.get(_BEFORE, None)
+    if before is None:
+        return
+    written = sorted(files_outside_home() - before)
+    if written:
+        print(f"\nfiles written outside FLYWHEEL_HOME ({state_home()}):", *written, sep="\n  ")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_BEFORE = pytest.StashKey[set]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Set before any test module imports prefect, transformers or mlflow.
-    session_home = REPO_ROOT / ".flywheel" / "test-session"
-    os.environ.setdefault("FLYWHEEL_MODEL_CACHE", str(REPO_ROOT / ".flywheel" / "models"))
+    session_home = state_home() / "test-session"
+    if not config.option.basetemp:  # tests' temporary folders are state too
+        config.option.basetemp = str(state_home() / "pytest")
+    os.environ.setdefault("FLYWHEEL_MODEL_CACHE", str(state_home() / "models"))
+    os.environ.setdefault("MPLCONFIGDIR", str(state_home() / "matplotlib"))
+    os.environ.setdefault("HF_HOME", str(state_home() / "huggingface"))
     os.environ["HF_HUB_OFFLINE"] = "1"  # any accidental hub access fails loudly
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ.setdefault("PREFECT_HOME", str(session_home / "prefect"))

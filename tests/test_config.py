@@ -77,3 +77,28 @@ def test_invalid_yaml_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ProfileError, match="not valid YAML"):
         load_profile(bad)
+
+
+def test_overrides_set_one_value_and_keep_the_rest() -> None:
+    base = load_profile("tiny")
+    changed = load_profile("tiny", ["serve.port=3100", "serve.batching=false", "lora.r=8"])
+    assert (changed.serve.port, changed.serve.batching, changed.lora.r) == (3100, False, 8)
+    assert changed.lora.alpha == base.lora.alpha and changed.train == base.train
+
+
+def test_overrides_are_validated_like_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ProfileError, match=r"serve\.prot: unknown key"):
+        load_profile("tiny", ["serve.prot=3100"])
+    with pytest.raises(ProfileError, match=r"serve\.port"):
+        load_profile("tiny", ["serve.port=seventy"])
+    with pytest.raises(ProfileError, match=r"expected section\.key=value"):
+        load_profile("tiny", ["serve.port"])
+    with pytest.raises(ProfileError, match="name is not a section"):
+        load_profile("tiny", ["name.x=1"])
+
+
+def test_environment_overrides_reach_every_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLYWHEEL_SET", "serve.max_concurrency=2 'description=a b'")
+    config = load_profile("tiny", ["serve.port=3200"])
+    assert (config.serve.max_concurrency, config.serve.port) == (2, 3200)
+    assert config.description == "a b"

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port, sqlite_uri
+from tests.conftest import REPO_ROOT, files_outside_home, free_port, sqlite_uri
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_make_demo_runs_the_whole_loop_on_tiny(tmp_path: Path) -> None:
+def test_make_demo_runs_the_whole_loop_on_tiny(tmp_path: Path, tiny_base) -> None:
     import httpx
     from mlflow.tracking import MlflowClient
 
@@ -24,11 +24,18 @@ def test_make_demo_runs_the_whole_loop_on_tiny(tmp_path: Path) -> None:
         **os.environ,
         "FLYWHEEL_HOME": str(home),
         "PREFECT_HOME": str(home / "prefect"),
-        "FLYWHEEL_CURATED_DIR": str(tmp_path / "curated"),
         "BENTOML_HOME": str(home / "bentoml"),
     }
-    for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "LABEL_STUDIO_URL"):
+    for name in (
+        "PREFECT_API_URL",
+        "MLFLOW_TRACKING_URI",
+        "LABEL_STUDIO_URL",
+        "FLYWHEEL_CURATED_DIR",
+        "MPLCONFIGDIR",
+        "HF_HOME",
+    ):
         env.pop(name, None)
+    before = files_outside_home(home)
     done = subprocess.run(
         [
             "make",
@@ -69,3 +76,11 @@ def test_make_demo_runs_the_whole_loop_on_tiny(tmp_path: Path) -> None:
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
     assert not (home / "service.pid").exists()
+
+    # Everything the demo wrote is under its home (the shared model cache was there before),
+    # and `make clean` removes it all.
+    assert (home / "curated").is_dir()  # the users' corrections are state, not repo data
+    assert files_outside_home(home) - before == set()
+    subprocess.run(["make", "clean"], cwd=REPO_ROOT, env=env, check=True, timeout=60)
+    assert not home.exists()
+    assert files_outside_home(home) - before == set()

@@ -88,6 +88,33 @@ def test_qlora_path_runs_on_cpu_in_float32(tmp_path, train_file, tiny_base, tiny
     assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
 
 
+def test_qlora_loads_the_base_in_4_bit(tiny_base, tiny_config) -> None:
+    """The QLoRA path really quantizes: every linear layer of the blocks is a packed 4-bit
+    layer with its NF4 state, and the weights take a fraction of the float32 footprint."""
+    import bitsandbytes as bnb
+    import torch
+
+    from components.train.finetune import load_base_for_training
+
+    quant = tiny_config.quantization.model_copy(update={"load_in_4bit": True})
+    four_bit, dtype = load_base_for_training(tiny_base, quant, "cpu", False)
+    full, _ = load_base_for_training(tiny_base, tiny_config.quantization, "cpu", False)
+    layers = [m for m in four_bit.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    linear_in_full = [
+        n for n, m in full.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    ]
+    assert dtype == torch.float32 and len(layers) == len(linear_in_full) > 0
+    assert all(layer.weight.quant_state.quant_type == "nf4" for layer in layers)
+    assert all(layer.weight.dtype == torch.uint8 for layer in layers)
+
+    def block_bytes(model) -> int:
+        return sum(
+            p.numel() * p.element_size() for n, p in model.named_parameters() if "layers" in n
+        )
+
+    assert block_bytes(four_bit) < block_bytes(full) / 3
+
+
 @pytest.mark.gpu
 def test_gpu_qlora_profile_trains_in_bf16(tmp_path, train_file) -> None:
     from components.config import load_profile

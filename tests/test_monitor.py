@@ -219,3 +219,20 @@ def test_state_survives_a_round_trip(tmp_path):
     loaded = MonitorState.load(tmp_path / "m.json")
     assert loaded == state
     assert Scrape.from_dict(loaded.last_scrape) == s["slow"]
+
+
+def test_monitor_curates_user_corrections_before_a_retrain(home) -> None:
+    """The monitor flow's curation step as a plain function (`.fn`), on a real store."""
+    from components.config import load_profile
+    from components.inference_store import InferenceRecord, InferenceStore
+    from flows.monitor import curate_feedback
+
+    with InferenceStore() as store:
+        for rid, prompt in (("a", "How do I reset the worker?"), ("b", "Which port is MLflow on?")):
+            store.log(InferenceRecord(rid, 1e9, "1", "generate", prompt, "no idea", 3, 2, 5.0))
+        store.add_feedback("a", "down", correction="Restart it with make worker.")
+        store.add_feedback("b", "down")  # no correction: nothing to learn from
+    first = curate_feedback.fn(load_profile("tiny"), since=0.0)
+    assert first == {"new": 1, "skipped": {}, "total": 1, "folder": str(home / "curated")}
+    again = curate_feedback.fn(load_profile("tiny"), since=0.0)
+    assert again["new"] == 0 and again["skipped"] == {"duplicate": 1} and again["total"] == 1

@@ -85,6 +85,39 @@ def test_register_promote_then_refuse_a_worse_model(home, adapter_dir, tiny_base
     assert (Path(adapter) / "tokenizer_config.json").is_file()  # chat template travels along
 
 
+def test_a_version_carries_only_the_code_it_needs_to_load(home, adapter_dir, tiny_base) -> None:
+    import mlflow
+
+    from components.registry.register import MODEL_CODE
+
+    run = RunLogger.start("flywheel-test", "code", TAGS)
+    result = register_candidate(run.run_id, "flywheel-code", adapter_dir, tiny_base, TAGS, BETTER)
+    local = Path(mlflow.artifacts.download_artifacts(result.model_uri, dst_path=str(home / "m")))
+    package = local / "code" / "components"
+    assert sorted(p.name for p in package.iterdir() if p.name != "__pycache__") == sorted(
+        MODEL_CODE
+    )
+    shipped = {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
+    assert "model/generation.py" in shipped
+    assert not any(name.startswith(("serving/", "monitor/", "data/")) for name in shipped)
+
+
+def test_no_mlflow_call_writes_into_the_working_folder(home, tmp_path, monkeypatch) -> None:
+    from components.registry.register import current_champion
+    from components.serving.model import ModelNotFound, resolve_model_uri
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the default: SQLite under FLYWHEEL_HOME
+    RunLogger.start("flywheel-test", "cwd", TAGS).finish()
+    assert current_champion("nothing-here") is None
+    with pytest.raises(ModelNotFound, match="run make train first"):
+        resolve_model_uri("models:/nothing-here@champion")
+    assert list(work.iterdir()) == []
+    assert (home / "mlflow.db").is_file()
+
+
 def test_registered_version_loads_as_pyfunc(home, adapter_dir, tiny_base) -> None:
     import mlflow.pyfunc
     import pandas as pd

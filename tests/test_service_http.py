@@ -376,3 +376,115 @@ def test_a_vanishing_temperature_neither_fails_nor_stalls_other_streams(served) 
         f"{served.url}/generate", json={"prompt": "hi", "temperature": 1e-300, "max_new_tokens": 4}
     )
     assert answer.status_code == 200 and answer.json()["completion_tokens"] == 4
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(10**40), max_value=10**40)
+        | st.floats(allow_nan=True, allow_infinity=True)
+        | st.text(max_size=20)
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+        ),
+        max_leaves=6,
+    )
+
+
+def _value_for(schema: dict, definitions: dict):
+    """Values a field's schema allows, mixed with arbitrary JSON of any other type."""
+    from hypothesis import strategies as st
+
+    if "$ref" in schema:
+        schema = definitions[schema["$ref"].rsplit("/", 1)[1]]
+    options = schema.get("anyOf") or [schema]
+    typed = []
+    for option in options:
+        kind = option.get("type")
+        if "enum" in option:
+            typed.append(st.sampled_from(option["enum"]))
+        elif kind == "string":
+            typed.append(st.text(max_size=40))
+        elif kind == "integer":
+            typed.append(st.integers(min_value=-5, max_value=10**30) | st.integers(0, 8))
+        elif kind == "number":
+            typed.append(st.floats(allow_nan=False, allow_infinity=False) | st.floats(0, 2))
+        elif kind == "boolean":
+            typed.append(st.booleans())
+        elif kind == "array":
+            typed.append(st.lists(_value_for(option.get("items", {}), definitions), max_size=5))
+        elif "$ref" in option:
+            typed.append(_body_for(definitions[option["$ref"].rsplit("/", 1)[1]], definitions))
+    return st.one_of(*typed, _json_values()) if typed else _json_values()
+
+
+def _body_for(schema: dict, definitions: dict):
+    from hypothesis import strategies as st
+
+    properties = schema.get("properties", {})
+    required = set(schema.get("required", []))
+    return st.fixed_dictionaries(
+        {k: _value_for(v, definitions) for k, v in properties.items() if k in required},
+        optional={
+            **{k: _value_for(v, definitions) for k, v in properties.items() if k not in required},
+            "unexpected": _json_values(),
+        },
+    )
+
+
+def test_fuzzed_bodies_never_get_a_server_error(served) -> None:
+    """Bodies drawn from the service's own OpenAPI schema, valid and not, on every JSON route:
+    each answer is a success or a JSON 4xx naming what is wrong, never a 5xx, and the service
+    still answers afterwards. Bounded: a fixed number of examples per route."""
+    import math
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    schema = httpx.get(f"{served.url}/openapi.json").json()
+    definitions = schema["components"]["schemas"]
+    routes = {
+        path: item["post"]["requestBody"]["content"]["application/json"]["schema"]
+        for path, item in schema["paths"].items()
+        if "post" in item and "requestBody" in item["post"] and not path.startswith("/admin")
+    }
+    assert set(routes) == {"/generate", "/v1/chat/completions", "/v1/completions", "/feedback"}
+
+    def encode(body) -> bytes:
+        return json.dumps(body, allow_nan=True).encode()
+
+    def fuzz(path: str, body) -> None:
+        @settings(
+            max_examples=40,
+            deadline=None,
+            database=None,  # nothing written into the working folder
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+        )
+        @given(payload=body.map(encode) | st.binary(max_size=64))
+        def check(payload: bytes) -> None:
+            response = httpx.post(
+                f"{served.url}{path}",
+                content=payload,
+                headers={"content-type": "application/json"},
+                timeout=120,
+            )
+            assert response.status_code < 500, (path, payload[:300], response.text[:300])
+            if response.status_code >= 400:
+                error = response.json()["error"]
+                assert error["message"] and error["type"] == "invalid_request_error"
+            elif "stream" not in response.headers.get("content-type", ""):
+                assert all(
+                    not isinstance(v, float) or math.isfinite(v) for v in response.json().values()
+                )
+
+        check()
+
+    for path, body_schema in routes.items():
+        fuzz(path, _body_for(definitions[body_schema["$ref"].rsplit("/", 1)[1]], definitions))
+    assert httpx.post(f"{served.url}/generate", json={"prompt": "still fine?"}).status_code == 200

@@ -40,3 +40,33 @@ def test_the_cap_keeps_every_feedback_example(tmp_path: Path) -> None:
     assert sum(e.origin == "feedback" for e in kept) == 4 - sum(
         assign_validation(e, config.validation_fraction, config.seed) for e in taught
     )
+
+
+def test_curated_data_is_state_under_the_home(home: Path, monkeypatch) -> None:
+    from components.data.curated import curated_dir
+
+    monkeypatch.delenv("FLYWHEEL_CURATED_DIR")
+    assert curated_dir(None) == home / "curated"  # `make clean` removes it with the rest
+    assert curated_dir("/data/reviews") == Path("/data/reviews")
+    monkeypatch.setenv("FLYWHEEL_CURATED_DIR", str(home / "elsewhere"))
+    assert curated_dir("/data/reviews") == home / "elsewhere"
+
+
+def test_the_fine_tune_folder_follows_only_what_changes_the_weights(home: Path) -> None:
+    from components.config import load_profile
+    from flows.training_pipeline import finetune_dir
+
+    config = load_profile("tiny")
+    same = [
+        load_profile("tiny", ["serve.port=3999"]),
+        load_profile("tiny", ["monitor.cooldown_minutes=5"]),
+        load_profile("tiny", ["eval.max_examples=3"]),
+    ]
+    assert {finetune_dir(c, "data1") for c in [config, *same]} == {finetune_dir(config, "data1")}
+    different = [
+        load_profile("tiny", ["train.learning_rate=0.5"]),
+        load_profile("tiny", ["lora.r=2"]),
+        load_profile("tiny", ["model.base_model=other"]),
+    ]
+    folders = {finetune_dir(c, "data1") for c in different} | {finetune_dir(config, "data2")}
+    assert finetune_dir(config, "data1") not in folders and len(folders) == 4
