@@ -18,6 +18,7 @@ export BENTOML_DO_NOT_TRACK ?= true
 # Library caches go under the home folder too, so nothing is written elsewhere.
 export MPLCONFIGDIR ?= $(FLYWHEEL_HOME)/matplotlib
 export HF_HOME ?= $(FLYWHEEL_HOME)/huggingface
+export HYPOTHESIS_STORAGE_DIRECTORY ?= $(FLYWHEEL_HOME)/hypothesis
 # A fresh Prefect database takes a while to create on a small machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 

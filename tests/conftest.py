@@ -23,13 +23,13 @@ def files_outside_home(home: Path | None = None) -> set[str]:
     and the virtual environments."""
     import subprocess
 
-    listed = subprocess.run(
-        ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+    listed = subprocess.run(  # -z: NUL-separated, paths as they are (no quoting)
+        ["git", "status", "--porcelain", "-z", "--ignored", "--untracked-files=all"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.splitlines()
+    ).stdout.split("\0")
     home = state_home()
     inside = (
         home.relative_to(REPO_ROOT).as_posix() + "/" if home.is_relative_to(REPO_ROOT) else None
@@ -70,6 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("FLYWHEEL_MODEL_CACHE", str(state_home() / "models"))
     os.environ.setdefault("MPLCONFIGDIR", str(state_home() / "matplotlib"))
     os.environ.setdefault("HF_HOME", str(state_home() / "huggingface"))
+    os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(state_home() / "hypothesis"))
     os.environ["HF_HUB_OFFLINE"] = "1"  # any accidental hub access fails loudly
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ.setdefault("PREFECT_HOME", str(session_home / "prefect"))
