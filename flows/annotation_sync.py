@@ -23,6 +23,7 @@ from components.annotate.review import ReviewProject, curated_items, review_cand
 from components.config import PipelineConfig, load_profile
 from components.data.curated import curate, curated_dir, summary, user_corrections
 from components.inference_store import InferenceStore
+from components.memory.store import remember_reviews
 from flows.reports import slug
 
 
@@ -48,6 +49,7 @@ def annotation_sync(profile: str = "cpu-small", lookback_days: float = 30.0) -> 
     pushed = push_candidates(project, config, since)
     items, verdicts = curated_items(project.reviews())
     result = task(curate)(config, items + task(user_corrections)(since))
+    remembered = task(remember_reviews)(config.memory, items)
     folder = curated_dir(config.data.feedback_dir)
     report = {
         "project": project.url,
@@ -55,6 +57,7 @@ def annotation_sync(profile: str = "cpu-small", lookback_days: float = 30.0) -> 
         "verdicts": dict(verdicts),
         "curated": asdict(result),
         "curated_versions": summary(folder),
+        "memory_new": remembered,
     }
     create_markdown_artifact(
         "\n".join(
@@ -70,6 +73,7 @@ def annotation_sync(profile: str = "cpu-small", lookback_days: float = 30.0) -> 
                 + (", ".join(f"{k} {v}" for k, v in result.skipped.items()) or "none"),
                 f"- curated folder `{folder}`: {len(report['curated_versions'])} versions, "
                 f"{sum(report['curated_versions'].values())} examples",
+                f"- new correction-memory entries (served at once): **{remembered}**",
             ]
         ),
         key=f"annotation-{slug(config.name)}",

@@ -95,7 +95,26 @@ def gather(config: PipelineConfig, state: MonitorState, url: str) -> Signals:
         rated = store.answers_since(since, until=now, rated=True)
         rated_before = store.answers_since(0, until=since, rated=True)
     prompts, champion = reference_prompts(config)
-    return Signals(now, current, unreachable, answers, rated, rated_before, prompts, champion)
+    waiting = corrections_waiting(config)
+    return Signals(
+        now, current, unreachable, answers, rated, rated_before, prompts, champion, waiting
+    )
+
+
+def corrections_waiting(config: PipelineConfig) -> int | None:
+    """Served memory entries accepted after the champion was registered (None: memory off)."""
+    from components.memory.store import CorrectionMemory
+    from components.registry.register import current_champion
+
+    if not config.memory.enabled:
+        return None
+    champion = current_champion(config.registry.model_name)
+    since = champion.creation_timestamp / 1000 if champion else 0.0
+    memory = CorrectionMemory(config.memory)
+    try:
+        return sum(entry.accepted_at > since for entry in memory.served())
+    finally:
+        memory.close()
 
 
 def running_retrain(deployment: str) -> str | None:

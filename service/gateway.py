@@ -12,6 +12,7 @@ import functools
 import logging
 import secrets
 import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -27,8 +28,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from starlette.exceptions import HTTPException
 
-from components.config import ServeConfig
+from components.config import MemoryConfig, ServeConfig
 from components.inference_store import InferenceRecord, InferenceStore, StoreBusy, UnknownRequest
+from components.memory.store import CorrectionMemory, CorrectionRejected, Recall
 from components.serving.api import (
     ApiError,
     ChatCompletionRequest,
@@ -59,6 +61,7 @@ from components.serving.model import (
 from components.text import scrub_pii
 
 log = logging.getLogger("flywheel.service")
+MEMORY_HEADER = "x-flywheel-memory"  # hit, miss or off on every generation response
 RETRY_AFTER_S = 2  # what 429 and 503 answers ask clients to wait
 ENDPOINTS = {
     "/generate": "generate",
@@ -233,7 +236,7 @@ def install_error_handlers(app: FastAPI) -> None:
 async def json_bodies_only(request: Request) -> None:
     """State-changing requests must be JSON: a form or text/plain body (what a web page can
     send across origins without asking) is refused before it reaches a handler."""
-    if request.method in ("GET", "HEAD", "OPTIONS"):
+    if request.method not in ("POST", "PUT", "PATCH"):
         return
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
@@ -266,6 +269,15 @@ async def admin_auth(credentials: Bearer) -> None:
     _check(credentials, admin_key(), "admin key")
 
 
+def client_id(request: Request) -> str:
+    """Who sent a request, for per-client limits: a hash of its API key, else its address."""
+    import hashlib
+
+    token = request.headers.get("authorization", "")
+    host = request.client.host if request.client else "unknown"
+    return hashlib.sha256((token or host).encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Metrics:
     generated_tokens: Any
@@ -274,6 +286,8 @@ class Metrics:
     feedback: Any
     model_version: Any
     client_errors: Any
+    memory_lookups: Any
+    memory_entries: Any
 
 
 @functools.cache
@@ -314,6 +328,16 @@ def flywheel_metrics() -> Metrics:
             documentation="Requests rejected with a 4xx",
             labelnames=["endpoint", "status"],
         ),
+        memory_lookups=bentoml.metrics.Counter(
+            name="flywheel_memory_lookups",
+            documentation="Generation requests by what the correction memory did: hit, miss, off",
+            labelnames=["result"],
+        ),
+        memory_entries=bentoml.metrics.Gauge(
+            name="flywheel_memory_entries",
+            documentation="Corrections the memory serves under its trust policy",
+            multiprocess_mode="livemax",
+        ),
     )
 
 
@@ -347,15 +371,26 @@ def _raise_for(out: GenerationOutput, param: str | None = None) -> None:
 class Gateway:
     """What the public routes do, given the generator dependency."""
 
-    def __init__(self, settings: ServeConfig, generator: Any, model_name: str) -> None:
+    def __init__(
+        self, settings: ServeConfig, generator: Any, model_name: str, memory: MemoryConfig
+    ) -> None:
         self.settings = settings
         self.generator = generator
         self.model_name = model_name
         self.store = InferenceStore()
         self.metrics = flywheel_metrics()
+        self.memory = CorrectionMemory(memory) if memory.enabled else None
+
+    def warm_memory(self) -> None:
+        """Load the embedding model in the background, so the first lookup does not wait."""
+        if self.memory is not None:
+            memory = self.memory
+            threading.Thread(target=lambda: memory.embedder, daemon=True).start()
 
     def close(self) -> None:
         self.store.close()
+        if self.memory is not None:
+            self.memory.close()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -415,8 +450,40 @@ class Gateway:
         self.set_version(out.model_version)
         return out
 
+    async def _recall(self, question: str, use_memory: bool) -> tuple[str, Recall | None]:
+        """(x-flywheel-memory value, the entry that answers): the memory is consulted unless
+        the request opted out (`x-flywheel-memory: off`) or the profile turned it off."""
+        if self.memory is None or not use_memory:
+            self.metrics.memory_lookups.labels("off").inc()
+            return "off", None
+        recall = await anyio.to_thread.run_sync(self.memory.recall, question)
+        self.metrics.memory_entries.set(len(self.memory.served()))
+        status = "hit" if recall else "miss"
+        self.metrics.memory_lookups.labels(status).inc()
+        return status, recall
+
+    async def _answer(
+        self, item: GenerationInput, question: str, use_memory: bool, param: str | None = None
+    ) -> tuple[GenerationOutput, str, Recall | None]:
+        """The memory's correction if one matches, else the model's answer."""
+        status, recall = await self._recall(question, use_memory)
+        if recall is None:
+            return await self._generate(item, param), status, None
+        out = await with_connection_retry(
+            lambda: self.generator.to_async.count_tokens(item=item, answer=recall.entry.answer)
+        )
+        out = out if isinstance(out, GenerationOutput) else GenerationOutput.model_validate(out)
+        _raise_for(out, param)
+        return out, status, recall
+
     def _record(
-        self, endpoint: str, prompt: str, out: GenerationOutput, started: float, request_id: str
+        self,
+        endpoint: str,
+        prompt: str,
+        out: GenerationOutput,
+        started: float,
+        request_id: str,
+        recall: Recall | None = None,
     ) -> float:
         latency_ms = round((time.perf_counter() - started) * 1000, 1)
         stored = {
@@ -436,6 +503,7 @@ class Gateway:
                 completion_tokens=out.completion_tokens,
                 latency_ms=latency_ms,
                 confidence=out.confidence,
+                memory_entry=recall.entry.id if recall else None,
             )
         )
         self.metrics.generated_tokens.labels(out.model_version, endpoint).inc(out.completion_tokens)
@@ -444,7 +512,7 @@ class Gateway:
 
     # -- routes ----------------------------------------------------------------------------
 
-    async def generate(self, req: GenerateRequest) -> GenerateResponse:
+    async def generate(self, req: GenerateRequest, use_memory: bool = True) -> JSONResponse:
         started = time.perf_counter()
         self._check_prompt(req.prompt, "prompt")
         item = GenerationInput(
@@ -454,10 +522,10 @@ class Gateway:
             top_p=req.top_p,
             stop=req.stop,
         )
-        out = await self._generate(item, param="prompt")
+        out, status, recall = await self._answer(item, req.prompt, use_memory, param="prompt")
         request_id = f"gen-{uuid.uuid4().hex}"
-        latency = self._record("generate", req.prompt, out, started, request_id)
-        return GenerateResponse(
+        latency = self._record("generate", req.prompt, out, started, request_id, recall)
+        reply = GenerateResponse(
             text=out.text,
             request_id=request_id,
             model_version=out.model_version,
@@ -465,9 +533,10 @@ class Gateway:
             completion_tokens=out.completion_tokens,
             latency_ms=latency,
         )
+        return JSONResponse(reply.model_dump(), headers={MEMORY_HEADER: status})
 
     async def chat_completions(
-        self, req: ChatCompletionRequest
+        self, req: ChatCompletionRequest, use_memory: bool = True
     ) -> JSONResponse | StreamingResponse:
         started = time.perf_counter()
         self._check_model(req.model)
@@ -484,16 +553,14 @@ class Gateway:
             stop=req.stop,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if req.stream:
-            return await self._stream("chat", item, prompt, request_id, started, limit)
-        out = await self._generate(item)
-        self._record("chat", prompt, out, started, request_id)
-        reply = chat_completion(
-            request_id, self.model_name, out.text, out.prompt_tokens, out.completion_tokens, limit
+        question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        return await self._complete(
+            "chat", item, prompt, question, request_id, started, limit, req.stream, use_memory
         )
-        return JSONResponse(wire(reply))
 
-    async def completions(self, req: CompletionRequest) -> JSONResponse | StreamingResponse:
+    async def completions(
+        self, req: CompletionRequest, use_memory: bool = True
+    ) -> JSONResponse | StreamingResponse:
         started = time.perf_counter()
         self._check_model(req.model)
         self._check_prompt(req.prompt, "prompt")
@@ -506,14 +573,45 @@ class Gateway:
             stop=req.stop,
         )
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        if req.stream:
-            return await self._stream("completion", item, req.prompt, request_id, started, limit)
-        out = await self._generate(item)
-        self._record("completion", req.prompt, out, started, request_id)
-        reply = text_completion(
+        return await self._complete(
+            "completion",
+            item,
+            req.prompt,
+            req.prompt,
+            request_id,
+            started,
+            limit,
+            req.stream,
+            use_memory,
+        )
+
+    async def _complete(
+        self,
+        kind: str,
+        item: GenerationInput,
+        prompt: str,
+        question: str,
+        request_id: str,
+        started: float,
+        limit: int,
+        stream: bool,
+        use_memory: bool,
+    ) -> JSONResponse | StreamingResponse:
+        """An OpenAI completion (chat or text), from the memory or the model, whole or streamed."""
+        if stream:
+            status, recall = await self._recall(question, use_memory)
+            return await self._stream(
+                kind, item, prompt, request_id, started, limit, status, recall
+            )
+        out, status, recall = await self._answer(item, question, use_memory)
+        self._record(kind, prompt, out, started, request_id, recall)
+        build = chat_completion if kind == "chat" else text_completion
+        reply = build(
             request_id, self.model_name, out.text, out.prompt_tokens, out.completion_tokens, limit
         )
-        return JSONResponse(wire(reply))
+        if recall is not None:  # a correction is a whole answer, whatever its length
+            reply.choices[0].finish_reason = "stop"
+        return JSONResponse(wire(reply), headers={MEMORY_HEADER: status})
 
     async def _stream_outputs(self, item: GenerationInput) -> AsyncIterator[GenerationOutput]:
         buffer = ""
@@ -524,6 +622,24 @@ class Gateway:
                 if line.strip():
                     yield GenerationOutput.model_validate_json(line)
 
+    async def _memory_outputs(
+        self, item: GenerationInput, recall: Recall
+    ) -> AsyncIterator[GenerationOutput]:
+        """A correction as a stream: the whole answer, then its token counts."""
+        counted = await with_connection_retry(
+            lambda: self.generator.to_async.count_tokens(item=item, answer=recall.entry.answer)
+        )
+        counted = (
+            counted
+            if isinstance(counted, GenerationOutput)
+            else GenerationOutput.model_validate(counted)
+        )
+        if counted.error:
+            yield counted
+            return
+        yield counted.model_copy(update={"prompt_tokens": 0, "completion_tokens": 0})
+        yield counted.model_copy(update={"text": ""})
+
     async def _stream(
         self,
         kind: str,
@@ -532,8 +648,10 @@ class Gateway:
         request_id: str,
         started: float,
         limit: int,
+        memory_status: str,
+        recall: Recall | None,
     ) -> StreamingResponse:
-        outputs = self._stream_outputs(item)
+        outputs = self._memory_outputs(item, recall) if recall else self._stream_outputs(item)
         first = await anext(outputs)
         _raise_for(first)  # fail before any byte is sent, as a normal 4xx
         self.metrics.time_to_first_token.labels(kind).observe(time.perf_counter() - started)
@@ -562,7 +680,8 @@ class Gateway:
                     text += out.text
                     yield event(out.text)
                 last = out
-            yield event("", finish=finish_reason(last.completion_tokens, limit))
+            finish = "stop" if recall else finish_reason(last.completion_tokens, limit)
+            yield event("", finish=finish)
             yield sse("[DONE]")
             final = GenerationOutput(
                 text=text,
@@ -570,11 +689,10 @@ class Gateway:
                 completion_tokens=last.completion_tokens,
                 model_version=first.model_version,
             )
-            self._record(kind, prompt, final, started, request_id)
+            self._record(kind, prompt, final, started, request_id, recall)
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"x-request-id": request_id}
-        )
+        headers = {"x-request-id": request_id, MEMORY_HEADER: memory_status}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [wire(model_card(self.model_name, CurrentVersion.value))]}
@@ -583,25 +701,64 @@ class Gateway:
         self._check_model(model_id)
         return wire(model_card(self.model_name, CurrentVersion.value))
 
-    async def feedback(self, req: FeedbackRequest) -> FeedbackResponse:
-        def store_it() -> tuple[Any, bool, str]:
+    async def feedback(self, req: FeedbackRequest, client: str = "") -> FeedbackResponse:
+        def store_it() -> tuple[Any, bool, InferenceRecord | None]:
             record, created = self.store.add_feedback(
                 req.request_id, req.rating, req.correction, req.comment
             )
-            served = self.store.get(req.request_id) if created else None
-            return record, created, served.model_version if served else "unknown"
+            return record, created, self.store.get(req.request_id) if created else None
 
         try:  # off the event loop: the store may wait for its writer
-            record, created, version = await anyio.to_thread.run_sync(store_it)
+            record, created, served = await anyio.to_thread.run_sync(store_it)
         except UnknownRequest:
             raise ApiError(
                 404, f"unknown request_id '{req.request_id}'", param="request_id", code="not_found"
             ) from None
         except StoreBusy as exc:
             raise ApiError(503, str(exc), code="store_busy") from None
-        if created:
-            self.metrics.feedback.labels(req.rating, version).inc()
-        return FeedbackResponse(request_id=record.request_id, rating=record.rating, stored=created)
+        memory = None
+        if created and served is not None:
+            self.metrics.feedback.labels(req.rating, served.model_version).inc()
+            if req.correction:
+                memory = await anyio.to_thread.run_sync(
+                    self._remember, served, req.correction, client
+                )
+        return FeedbackResponse(
+            request_id=record.request_id, rating=record.rating, stored=created, memory=memory
+        )
+
+    def _remember(self, served: InferenceRecord, correction: str, client: str) -> str:
+        """Offer a user's correction to the memory; says what became of it."""
+        if self.memory is None:
+            return "off: the memory is disabled"
+        if self.memory.config.trust != "feedback":
+            return "not served: the memory trusts reviewed corrections only (memory.trust)"
+        if not served.prompt:
+            return "not kept: the question was not logged (serve.log_prompts is off)"
+        try:
+            entry = self.memory.remember(
+                served.prompt,
+                correction,
+                "feedback",
+                served.request_id,
+                served.model_version,
+                client,
+            )
+        except CorrectionRejected as exc:
+            return f"not kept: {exc}"
+        return f"kept as {entry.id}"
+
+    def memory_entries(self) -> dict[str, Any]:
+        if self.memory is None:
+            return {"enabled": False, "served": [], "entries": []}
+        served = {e.id for e in self.memory.served()}
+        entries = [{**e.to_dict(), "served": e.id in served} for e in self.memory.entries()]
+        return {"enabled": True, "trust": self.memory.config.trust, "entries": entries}
+
+    def forget(self, entry_id: str) -> dict[str, Any]:
+        if self.memory is None or not self.memory.set_status(entry_id, "deleted"):
+            raise ApiError(404, f"no memory entry '{entry_id}'", param="entry_id", code="not_found")
+        return {"id": entry_id, "status": "deleted"}
 
     async def reload(self, req: ReloadRequest) -> dict[str, Any]:
         try:

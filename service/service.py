@@ -15,9 +15,10 @@ Batch size, latency budget, concurrency and timeouts come from the profile's `se
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from typing import Annotated, Literal
 
 import bentoml
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from components.serving.api import (
@@ -35,6 +36,7 @@ from service.gateway import (
     ServiceEdge,
     admin_auth,
     client_auth,
+    client_id,
     drain_on_sigterm,
     install_error_handlers,
     json_bodies_only,
@@ -83,6 +85,10 @@ class Generator:
             pieces.close()  # a client that went away stops its generation
 
     @bentoml.api
+    def count_tokens(self, item: GenerationInput, answer: str) -> GenerationOutput:
+        return self.served.count_tokens(item, answer)
+
+    @bentoml.api
     def reload(self, model_uri: str) -> dict:
         loaded = self.served.swap(model_uri)
         return {"name": loaded.name, "version": loaded.version}
@@ -95,6 +101,9 @@ app = FastAPI(
 )
 install_error_handlers(app)
 CLIENT = [Depends(client_auth)]
+ADMIN = [Depends(admin_auth)]
+# `x-flywheel-memory: off` asks for the model's own answer; the response says hit, miss or off.
+MemoryChoice = Annotated[Literal["on", "off"] | None, Header(alias="x-flywheel-memory")]
 
 
 @bentoml.service(
@@ -109,8 +118,11 @@ class Flywheel:
     generator = bentoml.depends(Generator)
 
     def __init__(self) -> None:
-        self.gateway = Gateway(SETTINGS, self.generator, PROFILE.registry.model_name)
+        self.gateway = Gateway(
+            SETTINGS, self.generator, PROFILE.registry.model_name, PROFILE.memory
+        )
         self.gateway.announce_version()
+        self.gateway.warm_memory()
         drain_on_sigterm()
 
     @bentoml.on_shutdown
@@ -121,19 +133,21 @@ class Flywheel:
     def playground(self) -> HTMLResponse:
         return HTMLResponse(playground_html())
 
-    @app.post("/generate", dependencies=CLIENT)
-    async def generate(self, body: GenerateRequest) -> GenerateResponse:
-        return await self.gateway.generate(body)
+    @app.post("/generate", dependencies=CLIENT, response_model=GenerateResponse)
+    async def generate(self, body: GenerateRequest, memory: MemoryChoice = None) -> JSONResponse:
+        return await self.gateway.generate(body, use_memory=memory != "off")
 
     @app.post("/v1/chat/completions", dependencies=CLIENT, response_model=None)
     async def chat_completions(
-        self, body: ChatCompletionRequest
+        self, body: ChatCompletionRequest, memory: MemoryChoice = None
     ) -> JSONResponse | StreamingResponse:
-        return await self.gateway.chat_completions(body)
+        return await self.gateway.chat_completions(body, use_memory=memory != "off")
 
     @app.post("/v1/completions", dependencies=CLIENT, response_model=None)
-    async def completions(self, body: CompletionRequest) -> JSONResponse | StreamingResponse:
-        return await self.gateway.completions(body)
+    async def completions(
+        self, body: CompletionRequest, memory: MemoryChoice = None
+    ) -> JSONResponse | StreamingResponse:
+        return await self.gateway.completions(body, use_memory=memory != "off")
 
     @app.get("/v1/models", dependencies=CLIENT)
     def models(self) -> dict:
@@ -144,12 +158,20 @@ class Flywheel:
         return self.gateway.model(model_id)
 
     @app.post("/feedback", dependencies=CLIENT)
-    async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
-        return await self.gateway.feedback(body)
+    async def feedback(self, body: FeedbackRequest, request: Request) -> FeedbackResponse:
+        return await self.gateway.feedback(body, client=client_id(request))
 
-    @app.post("/admin/reload", dependencies=[Depends(admin_auth)])
+    @app.post("/admin/reload", dependencies=ADMIN)
     async def reload(self, body: ReloadRequest) -> dict:
         return await self.gateway.reload(body)
+
+    @app.get("/admin/memory", dependencies=ADMIN)
+    def memory_entries(self) -> dict:
+        return self.gateway.memory_entries()
+
+    @app.delete("/admin/memory/{entry_id}", dependencies=ADMIN)
+    def forget(self, entry_id: str) -> dict:
+        return self.gateway.forget(entry_id)
 
 
 # On the service, not the mounted app, so BentoML's own routes (/metrics, /healthz) carry it too.

@@ -209,7 +209,8 @@ def test_unreachable_service_is_reported_not_a_crash():
     assert (
         decision.checks[0].name == "service" and "connection refused" in decision.checks[0].detail
     )
-    assert "not judged" in decision.checks[-1].detail  # 5 prompts < min_prompts
+    drift = [c for c in decision.checks if c.name.startswith("prompt")]
+    assert drift and all("not judged" in c.detail for c in drift)  # 5 prompts < min_prompts
 
 
 def test_state_survives_a_round_trip(tmp_path):
@@ -236,3 +237,15 @@ def test_monitor_curates_user_corrections_before_a_retrain(home) -> None:
     assert first == {"new": 1, "skipped": {}, "total": 1, "folder": str(home / "curated")}
     again = curate_feedback.fn(load_profile("tiny"), since=0.0)
     assert again["new"] == 0 and again["skipped"] == {"duplicate": 1} and again["total"] == 1
+
+
+@pytest.mark.parametrize(("waiting", "retrain"), [(12, True), (3, False), (None, False)])
+def test_corrections_waiting_in_the_memory_call_for_a_retrain(waiting, retrain) -> None:
+    reference, live = reference_and_live()
+    calm = answers(live[:5], 0, 1e9)
+    signals = Signals(2e9, None, None, calm, [], [], reference, "1", memory_waiting=waiting)
+    decision = assess(signals, MonitorState(), CONFIG)
+    check = next(c for c in decision.checks if c.name == "corrections waiting in the memory")
+    assert (decision.retrain, check.triggered, check.value) == (retrain, retrain, waiting)
+    if retrain:
+        assert "corrections waiting in the memory 12" in decision.summary

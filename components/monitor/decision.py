@@ -138,6 +138,16 @@ def feedback_check(feedback: FeedbackWindow, config: MonitorConfig) -> Check:
     )
 
 
+def memory_check(waiting: int | None, config: MonitorConfig) -> Check:
+    """Corrections the memory serves that the champion's weights were not trained on."""
+    name = "corrections waiting in the memory"
+    limit = config.memory_corrections_to_retrain
+    if waiting is None or limit is None:
+        return Check(name, None, "off", False, "the memory or this check is off")
+    detail = f"{waiting} served corrections accepted after the champion was registered"
+    return Check(name, waiting, f">= {limit}", waiting >= limit, detail)
+
+
 def drift_checks(drift: DriftReport | None, live: int, config: MonitorConfig) -> list[Check]:
     if drift is None:
         detail = f"only {live} live prompts (< {config.min_prompts}), not judged"
@@ -202,6 +212,7 @@ class Signals:
     rated_before: list[Answer]  # answers rated before the window: the baseline
     reference_prompts: list[str]
     champion_version: str | None = None
+    memory_waiting: int | None = None  # None: the memory is off
 
 
 def assess(
@@ -227,6 +238,7 @@ def assess(
         *service_checks(service, signals.unreachable, baseline, config),
         feedback_check(feedback, config),
         *drift_checks(drift, len(live), config),
+        memory_check(signals.memory_waiting, config),
     ]
     retrain, summary, blocked = decide(
         checks, config, signals.now, state.last_retrain_at, retrain_running

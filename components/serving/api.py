@@ -99,6 +99,7 @@ class FeedbackResponse(BaseModel):
     request_id: str
     rating: str
     stored: bool
+    memory: str | None = None  # what the correction memory did with a correction
 
 
 class ReloadRequest(Body):

@@ -193,6 +193,23 @@ class ServedModel:
         with self.compute:
             return run_inputs(loaded, inputs)
 
+    def count_tokens(self, item: GenerationInput, answer: str) -> GenerationOutput:
+        """`answer` (given by the correction memory) as an output with this model's token counts."""
+        try:
+            loaded = self.current
+        except ModelNotReady as exc:
+            return _failed(f"the model is not ready: {exc}", "model_not_ready", 503)
+        checked = check_input(loaded, item)
+        if isinstance(checked, GenerationOutput):
+            return checked
+        n_answer = len(loaded.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        return GenerationOutput(
+            text=answer,
+            prompt_tokens=checked[1],
+            completion_tokens=n_answer,
+            model_version=loaded.version,
+        )
+
     def stream(self, item: GenerationInput) -> Generator[GenerationOutput, None, None]:
         """Pieces of the answer as outputs; the last one carries the token counts.
 

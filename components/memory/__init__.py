@@ -1,0 +1,1 @@
+"""The correction memory: accepted corrections served at once."""
