@@ -469,12 +469,16 @@ class Gateway:
         status, recall = await self._recall(question, use_memory)
         if recall is None:
             return await self._generate(item, param), status, None
-        out = await with_connection_retry(
-            lambda: self.generator.to_async.count_tokens(item=item, answer=recall.entry.answer)
-        )
-        out = out if isinstance(out, GenerationOutput) else GenerationOutput.model_validate(out)
+        out = await self._counted(item, recall.entry.answer)
         _raise_for(out, param)
         return out, status, recall
+
+    async def _counted(self, item: GenerationInput, answer: str) -> GenerationOutput:
+        """A remembered answer as an output, with the served model's token counts."""
+        out = await with_connection_retry(
+            lambda: self.generator.to_async.count_tokens(item=item, answer=answer)
+        )
+        return out if isinstance(out, GenerationOutput) else GenerationOutput.model_validate(out)
 
     def _record(
         self,
@@ -553,7 +557,8 @@ class Gateway:
             stop=req.stop,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        question = users[-1] if users else prompt
         return await self._complete(
             "chat", item, prompt, question, request_id, started, limit, req.stream, use_memory
         )
@@ -626,14 +631,7 @@ class Gateway:
         self, item: GenerationInput, recall: Recall
     ) -> AsyncIterator[GenerationOutput]:
         """A correction as a stream: the whole answer, then its token counts."""
-        counted = await with_connection_retry(
-            lambda: self.generator.to_async.count_tokens(item=item, answer=recall.entry.answer)
-        )
-        counted = (
-            counted
-            if isinstance(counted, GenerationOutput)
-            else GenerationOutput.model_validate(counted)
-        )
+        counted = await self._counted(item, recall.entry.answer)
         if counted.error:
             yield counted
             return

@@ -437,6 +437,15 @@ def test_the_admin_lists_and_deletes_entries(client_for) -> None:
     assert ask(client, FACT["q"])[0] == "miss"
 
 
+def test_a_chat_without_a_user_turn_is_answered_by_the_model(client_for) -> None:
+    client = client_for(memory={"trust": "feedback"})
+    body = {"messages": [{"role": "system", "content": "Be brief."}], "max_tokens": 2}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-flywheel-memory"] == "miss"
+    assert response.json()["usage"]["completion_tokens"] == 2
+
+
 def test_a_reviewed_only_memory_ignores_user_corrections(client_for) -> None:
     client = client_for()  # the default policy: trust reviewed corrections only
     stored = correct(client, FACT["q"], FACT["a"])
