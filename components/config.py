@@ -110,6 +110,13 @@ class EvalConfig(StrictModel):
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
     gate_metric: Literal["rouge_l", "bleu", "exact_match", "perplexity"] = "rouge_l"
     samples_to_log: int = Field(default=20, ge=0)
+    # The two-sided gate: a candidate must be better on the live set (the corrections and
+    # held-out rephrasings of them) and not worse on the frozen split beyond the margin (in
+    # `gate_metric` units). Below `live_min_size` live items the frozen split alone decides.
+    live_metric: Literal["rouge_l", "bleu", "exact_match"] = "rouge_l"
+    live_min_size: int = Field(default=8, gt=0)
+    non_inferiority_margin: float = Field(default=0.02, ge=0)
+    live_holdout_fraction: float = Field(default=0.5, gt=0, lt=1)
 
 
 class RegistryConfig(StrictModel):

@@ -11,6 +11,7 @@ from components.config import PipelineConfig
 from components.data.clean import CleanResult, clean
 from components.data.curated import curated_dir
 from components.data.ingest import IngestResult, ingest
+from components.data.live import LiveSet, build_live_set
 from components.data.split import SplitResult, load_frozen_test, split
 from components.model.base_model import BaseModelRef
 from components.model.chat import chat_token_counter, load_tokenizer
@@ -24,6 +25,7 @@ class PreparedData:
     ingest: IngestResult
     clean: CleanResult
     split: SplitResult
+    live: LiveSet
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
@@ -61,6 +63,8 @@ def data_prep(
 ) -> PreparedData:
     """Ingest, clean and split; every count goes to MLflow and a Prefect artifact."""
     folder = Path(out_dir)
+    # First, so the trainable rephrasings it curates are ingested with the rest.
+    live = task(build_live_set)(config)
     ingested = ingest_sources(config, folder)
     cleaned = clean_examples(config, ingested, base, folder)
     splits = split_examples(config, cleaned, folder)
@@ -75,16 +79,26 @@ def data_prep(
             "data.train": splits.train,
             "data.validation": splits.validation,
             "data.test": splits.test,
+            "data.live.corrections": live.corrections,
+            "data.live.held_out": live.held_out,
+            "data.live.trainable_written": live.trainable_written,
             **{f"clean.removed.{k}": v for k, v in cleaned.removed.items()},
             **{f"clean.pii.{k}": v for k, v in cleaned.pii.items()},
         }
     )
     run.json(
-        {"ingest": asdict(ingested), "clean": asdict(cleaned), "split": asdict(splits)},
+        {
+            "ingest": asdict(ingested),
+            "clean": asdict(cleaned),
+            "split": asdict(splits),
+            "live": live.to_dict(),
+        },
         "data/report.json",
     )
     # The training prompts are what the monitor compares live prompts with.
     for path in (ingested.quarantine_path, cleaned.dropped_path, splits.train_path):
         run.artifact(path, "data")
+    if live.path:
+        run.artifact(live.path, "data")
     publish_data_report(config.name, ingested, cleaned, splits)
-    return PreparedData(ingested, cleaned, splits)
+    return PreparedData(ingested, cleaned, splits, live)

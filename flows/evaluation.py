@@ -1,8 +1,10 @@
-"""Evaluate stage: candidate vs base vs champion on the frozen test split."""
+"""Evaluate stage: candidate vs base vs champion on the frozen test split, and candidate vs
+champion on the live set (what users corrected), both without the correction memory."""
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, task
@@ -25,11 +27,28 @@ def fetch_champion(model_name: str, dest: Path) -> ModelSpec | None:
     return ModelSpec(base_path, adapter_dir)
 
 
+@dataclass
+class Evaluation:
+    frozen: EvalResult
+    live: EvalResult | None  # None: no live set, or no champion to hold it against
+
+
 @task
 def score_models(
     models: dict[str, ModelSpec], test_path: str, config: PipelineConfig, out_dir: Path
 ) -> EvalResult:
     return evaluate_models(models, load_examples(Path(test_path)), config.eval, out_dir)
+
+
+@task
+def score_live(
+    models: dict[str, ModelSpec], live_path: str, config: PipelineConfig, out_dir: Path
+) -> EvalResult:
+    """Every live item, judged on the live metric (the corrections are few and all count)."""
+    settings = config.eval.model_copy(
+        update={"gate_metric": config.eval.live_metric, "max_examples": None}
+    )
+    return evaluate_models(models, load_examples(Path(live_path)), settings, out_dir)
 
 
 @flow(name="evaluate")
@@ -40,14 +59,20 @@ def evaluate_stage(
     test_path: str,
     out_dir: str,
     run_id: str,
-) -> EvalResult:
-    """Score base, candidate and (if any) champion; log metrics, plot and sample table."""
+    live_path: str | None = None,
+) -> Evaluation:
+    """Score base, candidate and (if any) champion on the frozen split, candidate and champion
+    on the live set; log metrics, plots and sample tables."""
     models = {"base": ModelSpec(base.path), "candidate": ModelSpec(base.path, adapter_dir)}
+    live = None
     with tempfile.TemporaryDirectory() as tmp:
         champion = fetch_champion(config.registry.model_name, Path(tmp))
         if champion is not None:
             models["champion"] = champion
         result = score_models(models, test_path, config, Path(out_dir))
+        if champion is not None and live_path:
+            pair = {"candidate": models["candidate"], "champion": champion}
+            live = score_live(pair, live_path, config, Path(out_dir) / "live")
 
     run = RunLogger(run_id)
     run.metrics(
@@ -61,5 +86,15 @@ def evaluate_stage(
     run.json(result.to_dict(), "eval/result.json")
     run.artifact(result.plot_path, "eval")
     run.table(read_jsonl(Path(result.samples_path)), "eval/samples.json")
+    if live is not None:
+        run.metrics(
+            {
+                f"eval.live.{model}.{metric}": s["value"]
+                for model, metrics in live.scores.items()
+                for metric, s in metrics.items()
+            }
+        )
+        run.json(live.to_dict(), "eval/live/result.json")
+        run.artifact(live.plot_path, "eval/live")
     publish_eval_report(config.name, result)
-    return result
+    return Evaluation(result, live)

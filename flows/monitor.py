@@ -179,7 +179,7 @@ def lock_is_held(config: PipelineConfig) -> bool:
 @task
 def curate_feedback(config: PipelineConfig, since: float) -> dict[str, Any]:
     """Corrections users sent with `/feedback` join the curated data before a retrain."""
-    result = curate(config, user_corrections(since))
+    result = curate(config, user_corrections(config, since))
     folder = curated_dir(config.data.feedback_dir)
     total = sum(summary(folder).values())
     return {"new": result.written, "skipped": result.skipped, "total": total, "folder": str(folder)}

@@ -23,6 +23,7 @@ from prefect import flow, task
 from components.config import PipelineConfig, SourceConfig, load_profile, profile_path
 from components.model.base_model import BaseModelRef, resolve_base_model
 from components.paths import flywheel_home, tracking_uri
+from components.registry.register import LiveEvidence
 from components.registry.tracking import RunLogger, git_commit
 from flows.data_prep import data_prep
 from flows.deploy import deploy
@@ -104,6 +105,8 @@ def training_pipeline(
             "dataset_hash": data.split.train_hash,
             "test_hash": data.split.test_hash,
             "from_feedback": str(data.ingest.from_feedback),
+            "live_set_hash": data.live.content_hash or "none",
+            "live_set_size": str(data.live.size),
             "mlflow_run_id": run.run_id,
         }
         run.tags(lineage)
@@ -122,9 +125,24 @@ def training_pipeline(
             data.split.test_path,
             str(run_dir / "eval"),
             run.run_id,
+            data.live.path,
         )
+        live = None
+        if evaluated.live is not None:
+            live = LiveEvidence(
+                evaluated.live.comparison,
+                size=data.live.size,
+                min_size=config.eval.live_min_size,
+                margin=config.eval.non_inferiority_margin,
+            )
         registered = register_stage(
-            config.registry.model_name, trained.adapter_dir, base, lineage, evaluated, run.run_id
+            config.registry.model_name,
+            trained.adapter_dir,
+            base,
+            lineage,
+            evaluated.frozen,
+            run.run_id,
+            live,
         )
         if deploy_if_promoted is None:
             deploy_if_promoted = config.serve.deploy_on_promotion
@@ -146,7 +164,7 @@ def training_pipeline(
         version=registered.version,
         promoted=registered.gate.promote,
         reason=registered.gate.reason,
-        scores=evaluated.scores,
+        scores=evaluated.frozen.scores,
         run_dir=str(run_dir),
         deployed_url=deployed_url,
         seconds=round(time.perf_counter() - started, 1),

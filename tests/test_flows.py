@@ -228,3 +228,94 @@ def log_drifting_traffic(version: str) -> None:
         )
         store.add_feedback(f"d{i}", "down" if i < 30 else "up")
     store.close()
+
+
+FACTS = [
+    ("How long does the prod cluster keep inference logs?", "Prod keeps inference logs 45 days."),
+    ("Which Slack channel gets the retrain alerts?", "Retrain alerts go to #ml-retrain."),
+    ("Who approves a new base model?", "Dana Kim approves every new base model."),
+    ("What is the GPU quota of the research team?", "The research team may use 12 GPUs."),
+]
+ASKERS = ["please tell me:", "quick one,", "I wonder", "hi team", "can you say", "remind me"]
+
+
+def log_memory_traffic(round_: int) -> list[tuple[str, str]]:
+    """Users asking the corrected questions in their own words, answered by the memory."""
+    import time
+
+    from components.config import load_profile
+    from components.inference_store import InferenceRecord, InferenceStore
+    from components.memory.store import CorrectionMemory
+
+    memory = CorrectionMemory(load_profile("tiny").memory)
+    entries = {e.question: e for e in memory.served()}
+    if not entries:
+        for i, (question, answer) in enumerate(FACTS):
+            memory.remember(question, answer, "label-studio", f"review-{i}", "1")
+        entries = {e.question: e for e in memory.served()}
+    memory.close()
+    asked = []
+    with InferenceStore() as store:
+        for i, (question, _) in enumerate(FACTS):
+            entry = entries[question]
+            for j, asker in enumerate(ASKERS):
+                rid, prompt = (
+                    f"gen-r{round_}-{i}-{j}",
+                    f"{asker} {question.lower()} (round {round_})",
+                )
+                store.log(
+                    InferenceRecord(
+                        rid,
+                        time.time(),
+                        "1",
+                        "generate",
+                        prompt,
+                        entry.answer,
+                        9,
+                        9,
+                        5.0,
+                        memory_entry=entry.id,
+                    )
+                )
+                asked.append((rid, prompt))
+    return asked
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_retrains_are_judged_on_the_live_set_and_never_train_on_held_out_items(
+    home, prefect_server, monkeypatch
+) -> None:
+    import json
+
+    import mlflow
+
+    from components.data.curated import held_out
+    from components.registry.tracking import mlflow_client
+    from flows.training_pipeline import training_pipeline
+
+    first = training_pipeline(profile="tiny")
+    assert first["promoted"] and "no champion yet" in first["reason"]
+    asked = []
+    for round_, version in ((1, "2"), (2, "3")):
+        asked += log_memory_traffic(round_)
+        result = training_pipeline(profile="tiny")
+        assert result["version"] == version
+        tags = mlflow_client().get_model_version("flywheel-llm-tiny", version).tags
+        assert tags["gate.rule"] == "two-sided", tags["gate.reason"]
+        assert int(tags["gate.live_size"]) >= 8 and "gate.live.low" in tags
+        assert int(tags["live_set_size"]) == int(tags["gate.live_size"])
+
+        folder = home / "train-data" / version
+        mlflow.artifacts.download_artifacts(
+            run_id=result["mlflow_run_id"], artifact_path="data", dst_path=str(folder)
+        )
+        trained = {
+            json.loads(line)["instruction"] for line in (folder / "data" / "train.jsonl").open()
+        }
+        held = [p for rid, p in asked if held_out(rid, 0.5)]
+        trainable = [p for rid, p in asked if not held_out(rid, 0.5)]
+        assert held and not any(p in trained for p in held)  # never, in any retrain
+        assert any(p in trained for p in trainable)  # the users' own rephrasings are learned
+        live = list((folder / "data").glob("live-*.jsonl"))
+        assert live and any(json.loads(line)["instruction"] in held for line in live[0].open())

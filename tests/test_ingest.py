@@ -41,7 +41,11 @@ def test_every_format_and_schema_maps_to_one_schema(tmp_path: Path) -> None:
     ).save_to_disk(str(tmp_path / "d_hf"))
     feedback = tmp_path / "curated"
     feedback.mkdir()
-    _jsonl(feedback / "batch-1.jsonl", [{"instruction": "Fix 503?", "output": "Retry later."}])
+    _jsonl(
+        feedback / "0001-feedback.jsonl", [{"instruction": "Fix 503?", "output": "Retry later."}]
+    )
+    # Only curated version files are training data; a live evaluation set beside them is not.
+    _jsonl(feedback / "live-abc.jsonl", [{"instruction": "Held out?", "output": "Never trained."}])
 
     sources = [
         SourceConfig(path=str(tmp_path / n)) for n in ("a.jsonl", "b.csv", "c.parquet", "d_hf")

@@ -7,6 +7,7 @@ from components.evaluate.evaluation import Comparison
 from components.registry.register import (
     CHALLENGER,
     CHAMPION,
+    LiveEvidence,
     current_champion,
     decide_promotion,
     download_version,
@@ -53,6 +54,41 @@ def test_gate_decisions_explain_themselves() -> None:
 
     perplexity = replace(BETTER, metric="perplexity", difference=-5.0, low=-8.0, high=-2.0)
     assert decide_promotion(perplexity).promote  # lower is better for perplexity
+
+
+FROZEN_SAME = replace(BETTER, reference="champion", difference=-0.005, low=-0.015, high=0.005)
+FROZEN_WORSE = replace(BETTER, reference="champion", difference=-0.05, low=-0.08, high=-0.02)
+LIVE_BETTER = replace(BETTER, reference="champion", difference=0.30, low=0.20, high=0.40)
+LIVE_SAME = replace(BETTER, reference="champion", difference=0.01, low=-0.05, high=0.07)
+
+
+def live(comparison, size: int = 24) -> LiveEvidence:
+    return LiveEvidence(comparison, size=size, min_size=8, margin=0.02)
+
+
+def test_the_two_sided_gate_needs_both_sides() -> None:
+    promoted = decide_promotion(FROZEN_SAME, live(LIVE_BETTER))
+    assert promoted.promote and promoted.rule == "two-sided"
+    assert (
+        "live set (24 items)" in promoted.reason
+        and "not worse beyond the margin" in promoted.reason
+    )
+    # Better on what users corrected, but worse on the frozen split beyond the margin: no.
+    forgot = decide_promotion(FROZEN_WORSE, live(LIVE_BETTER))
+    assert (
+        not forgot.promote and forgot.rule == "two-sided" and "worse beyond 0.02" in forgot.reason
+    )
+    # The reverse: safe on the frozen split (even clearly better there), not better on live.
+    unlearned = decide_promotion(replace(FROZEN_SAME, low=0.01, high=0.05), live(LIVE_SAME))
+    assert not unlearned.promote and "not better" in unlearned.reason
+
+
+def test_a_first_model_or_a_small_live_set_falls_back_to_the_frozen_rule() -> None:
+    first = decide_promotion(BETTER, live(replace(LIVE_SAME, reference="base")))
+    assert first.promote and first.rule == "frozen" and "no champion yet" in first.reason
+    small = decide_promotion(FROZEN_SAME, live(LIVE_BETTER, size=3))
+    assert not small.promote and small.rule == "frozen" and "3 items, fewer than 8" in small.reason
+    assert decide_promotion(FROZEN_SAME).rule == "frozen"
 
 
 def test_register_promote_then_refuse_a_worse_model(home, adapter_dir, tiny_base) -> None:

@@ -11,6 +11,7 @@ training. The training pipeline ingests the folder and counts these examples as 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections import Counter
@@ -61,8 +62,23 @@ def curated_versions(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if VERSION_FILE.match(p.name))
 
 
-def feedback_corrections(answers: Iterable[Answer]) -> list[CuratedItem]:
-    """Corrections users sent with `/feedback`: the answer they say was right."""
+def held_out(request_id: str, fraction: float) -> bool:
+    """Whether a live rephrasing is held out (never trained on): decided by the request, so
+    the same request always lands on the same side, across every rebuild and retrain."""
+    digest = int(hashlib.sha256(request_id.encode()).hexdigest()[:8], 16)
+    return digest / 0xFFFFFFFF < fraction
+
+
+def is_held_out_rephrasing(answer: Answer, fraction: float) -> bool:
+    """A memory answer not rated down whose request falls on the held-out side."""
+    return bool(answer.memory_entry) and answer.rating != "down" and held_out(
+        answer.request_id, fraction
+    )
+
+
+def feedback_corrections(answers: Iterable[Answer], holdout_fraction: float) -> list[CuratedItem]:
+    """Corrections users sent with `/feedback`: the answer they say was right (never one on a
+    held-out live rephrasing, which only ever judges)."""
     return [
         CuratedItem(
             request_id=a.request_id,
@@ -73,7 +89,7 @@ def feedback_corrections(answers: Iterable[Answer]) -> list[CuratedItem]:
             model_version=a.model_version,
         )
         for a in answers
-        if a.correction and a.correction.strip()
+        if a.correction and a.correction.strip() and not is_held_out_rephrasing(a, holdout_fraction)
     ]
 
 
@@ -138,9 +154,10 @@ def curate(config: PipelineConfig, items: Iterable[CuratedItem]) -> CurationResu
     )
 
 
-def user_corrections(since: float) -> list[CuratedItem]:
+def user_corrections(config: PipelineConfig, since: float) -> list[CuratedItem]:
     """Corrections users sent with `/feedback` (rated since `since`), from the inference store."""
     from components.inference_store import InferenceStore
 
     with InferenceStore() as store:
-        return feedback_corrections(store.answers_since(since, rated=True))
+        answers = store.answers_since(since, rated=True)
+    return feedback_corrections(answers, config.eval.live_holdout_fraction)

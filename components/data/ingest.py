@@ -116,8 +116,10 @@ def read_source(source: SourceConfig) -> Iterator[RawRecord]:
         if isinstance(dataset, DatasetDict):
             dataset = dataset[source.split]
         yield from _read_hf(dataset, path.name)
-    elif fmt == "feedback":
-        for file in sorted(path.glob("*.jsonl")):
+    elif fmt == "feedback":  # the curated version files only (the live set beside them is not)
+        from components.data.curated import curated_versions
+
+        for file in curated_versions(path):
             yield from _read_jsonl(file)
 
 

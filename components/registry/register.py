@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import ModelConfig
-from components.evaluate.evaluation import Comparison
+from components.evaluate.evaluation import HIGHER_IS_BETTER, Comparison
 from components.model.base_model import BaseModelRef, resolve_base_model
 
 CHAMPION = "champion"
@@ -29,6 +29,17 @@ MODEL_CODE = ("__init__.py", "config.py", "paths.py", "records.py", "model")
 class GateDecision:
     promote: bool
     reason: str
+    rule: str = "frozen"  # "two-sided", or "frozen" for a first model or a small live set
+
+
+@dataclass(frozen=True)
+class LiveEvidence:
+    """The candidate against the champion on the live set, and the gate's live settings."""
+
+    comparison: Comparison
+    size: int
+    min_size: int
+    margin: float  # how much worse than the champion the frozen split may get
 
 
 @dataclass
@@ -44,17 +55,54 @@ class RegisterResult:
         return asdict(self)
 
 
-def decide_promotion(comparison: Comparison) -> GateDecision:
-    """Promote only if the candidate beats the reference beyond the confidence interval."""
-    c = comparison
+def _summary(c: Comparison) -> str:
     interval = f"{c.confidence:.0%} CI of the difference [{c.low:+.4f}, {c.high:+.4f}]"
-    summary = (
+    return (
         f"{c.metric}: candidate {c.candidate_value:.4f} vs {c.reference} "
         f"{c.reference_value:.4f}, {interval}"
     )
-    if c.candidate_is_better:
-        return GateDecision(True, f"promoted: {summary} lies entirely on the better side of 0")
-    return GateDecision(False, f"kept the {c.reference}: {summary} includes 0 or is worse")
+
+
+def not_worse(c: Comparison, margin: float) -> bool:
+    """Non-inferiority: the interval's worse end stays within `margin` of no difference."""
+    return c.low > -margin if HIGHER_IS_BETTER[c.metric] else c.high < margin
+
+
+def decide_promotion(frozen: Comparison, live: LiveEvidence | None = None) -> GateDecision:
+    """The promotion gate.
+
+    Two-sided, once there is a champion and a live set of at least `min_size` items: promote
+    when the candidate is better on the live set (the interval of the difference lies above 0)
+    and not worse on the frozen split beyond the margin. Otherwise the frozen split alone
+    decides: promote only if the candidate beats the reference beyond the interval.
+    """
+    if live is None or frozen.reference != "champion" or live.size < live.min_size:
+        why = (
+            "no champion yet"
+            if frozen.reference != "champion"
+            else f"live set of {live.size if live else 0} items, fewer than "
+            f"{live.min_size if live else 'the minimum'}"
+        )
+        rule = f"frozen-split rule ({why})"
+        if frozen.candidate_is_better:
+            reason = f"promoted by the {rule}: {_summary(frozen)} lies on the better side of 0"
+            return GateDecision(True, reason, "frozen")
+        reason = (
+            f"kept the {frozen.reference} by the {rule}: {_summary(frozen)} includes 0 or is worse"
+        )
+        return GateDecision(False, reason, "frozen")
+    better = live.comparison.candidate_is_better
+    safe = not_worse(frozen, live.margin)
+    live_part = f"live set ({live.size} items) {_summary(live.comparison)}: " + (
+        "better" if better else "not better"
+    )
+    frozen_part = f"frozen split {_summary(frozen)}: " + (
+        f"not worse beyond the margin {live.margin:g}" if safe else f"worse beyond {live.margin:g}"
+    )
+    verdict = "promoted" if better and safe else "kept the champion"
+    return GateDecision(
+        better and safe, f"{verdict} by the two-sided rule: {live_part}; {frozen_part}", "two-sided"
+    )
 
 
 def current_champion(model_name: str) -> Any | None:
@@ -113,6 +161,7 @@ def register_candidate(
     base: BaseModelRef,
     tags: dict[str, str],
     comparison: Comparison,
+    live: LiveEvidence | None = None,
 ) -> RegisterResult:
     """Log the adapter as a model, register it as `challenger`, and apply the gate."""
     import mlflow
@@ -143,14 +192,22 @@ def register_candidate(
     version = mlflow.register_model(info.model_uri, model_name, tags=tags)
     client.set_registered_model_alias(model_name, CHALLENGER, version.version)
 
-    gate = decide_promotion(comparison)
+    gate = decide_promotion(comparison, live)
     aliases = [CHALLENGER]
     if gate.promote:
         client.set_registered_model_alias(model_name, CHAMPION, version.version)
         aliases.append(CHAMPION)
+    evidence = {"frozen": comparison, **({"live": live.comparison} if live else {})}
     for key, value in {
         "gate.decision": "promoted" if gate.promote else "rejected",
         "gate.reason": gate.reason,
+        "gate.rule": gate.rule,
+        "gate.live_size": str(live.size if live else 0),
+        **{
+            f"gate.{name}.{part}": f"{getattr(c, part):.4f}"
+            for name, c in evidence.items()
+            for part in ("difference", "low", "high")
+        },
     }.items():
         client.set_model_version_tag(model_name, version.version, key, value)
     return RegisterResult(

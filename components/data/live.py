@@ -1,0 +1,110 @@
+"""The live evaluation set: what users corrected, built from production.
+
+- The corrections themselves: every correction the memory serves (its question, with the
+  correction as the reference). They are trained on too: does the candidate now state them?
+- Rephrasings from traffic: requests the memory answered and the user did not rate down are
+  users' own rephrasings of a corrected question, with the correction as the reference. They
+  are split by request, deterministically (a hash of the request id), into trainable ones
+  (written to the curated data, so the next training run learns them) and held-out ones,
+  which are never trained on and judge whether a candidate generalises.
+
+Each build writes `live/live-<hash>.jsonl` (the judged items) in the curated folder, named by
+its content hash, so every training run records exactly which live set judged it; training
+ingests only the curated version files, never this one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from components.config import PipelineConfig
+from components.data.curated import CuratedItem, curate, curated_dir, held_out
+from components.inference_store import Answer
+from components.memory.store import MemoryEntry
+from components.records import Example, content_hash, save_examples
+
+
+@dataclass(frozen=True)
+class LiveItems:
+    corrections: list[Example]
+    trainable: list[CuratedItem]  # rephrasings the next training run learns
+    held_out: list[Example]  # rephrasings never trained on
+
+
+def live_items(entries: list[MemoryEntry], answers: list[Answer], fraction: float) -> LiveItems:
+    """Corrections from the served entries; rephrasings from the answers they gave."""
+    by_id = {e.id: e for e in entries}
+    corrections = [Example(instruction=e.question, output=e.answer, origin="live") for e in entries]
+    asked = {" ".join(e.question.lower().split()) for e in entries}
+    trainable, held = [], []
+    for answer in answers:
+        entry = by_id.get(answer.memory_entry or "")
+        if entry is None or answer.rating == "down" or not answer.prompt.strip():
+            continue
+        if " ".join(answer.prompt.lower().split()) in asked:
+            continue  # the corrected question itself, asked again: not a rephrasing
+        if held_out(answer.request_id, fraction):
+            held.append(Example(instruction=answer.prompt, output=entry.answer, origin="live"))
+        else:
+            trainable.append(
+                CuratedItem(
+                    request_id=answer.request_id,
+                    prompt=answer.prompt,
+                    answer=entry.answer,
+                    source="rephrasing",
+                    verdict="memory-hit",
+                    model_version=answer.model_version,
+                )
+            )
+    return LiveItems(corrections, trainable, held)
+
+
+@dataclass
+class LiveSet:
+    path: str | None  # the judged items, None when there are none
+    content_hash: str
+    corrections: int
+    held_out: int
+    trainable_written: int
+
+    @property
+    def size(self) -> int:
+        return self.corrections + self.held_out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_live_set(config: PipelineConfig) -> LiveSet:
+    """Read the memory and the inference log; write new trainable rephrasings to the curated
+    data and the judged items (corrections + held-out rephrasings) as a versioned file."""
+    from components.inference_store import InferenceStore
+    from components.memory.store import CorrectionMemory
+
+    if not config.memory.enabled:
+        return LiveSet(None, "", 0, 0, 0)
+    memory = CorrectionMemory(config.memory)
+    try:
+        entries = memory.served()
+    finally:
+        memory.close()
+    with InferenceStore() as store:
+        answers = [a for a in store.answers_since(0) if a.memory_entry]
+    items = live_items(entries, answers, config.eval.live_holdout_fraction)
+    written = curate(config, items.trainable).written if items.trainable else 0
+    judged = items.corrections + items.held_out
+    if not judged:
+        return LiveSet(None, "", 0, 0, written)
+    digest = content_hash(judged)
+    path = curated_dir(config.data.feedback_dir) / "live" / f"live-{digest[:12]}.jsonl"
+    if not path.is_file():
+        save_examples(path, judged)
+    return LiveSet(str(path), digest, len(items.corrections), len(items.held_out), written)
+
+
+def load_live_set(path: str | None) -> list[Example]:
+    from components.records import load_examples
+
+    return load_examples(Path(path)) if path else []
