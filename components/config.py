@@ -102,6 +102,14 @@ class TrainConfig(StrictModel):
     seed: int = 1234
 
 
+class RecipeConfig(StrictModel):
+    """How a retrain learns curated corrections (see components/train/recipe.py)."""
+
+    question_variants: int = Field(default=5, ge=0)  # rewrites of each curated question
+    min_variant_similarity: float = Field(default=0.75, ge=0, le=1)  # embedding filter
+    curated_repeats: int = Field(default=1, ge=1)  # each curated group, per epoch
+
+
 class EvalConfig(StrictModel):
     max_new_tokens: int = Field(default=64, gt=0)
     batch_size: int = Field(default=16, gt=0)
@@ -198,6 +206,7 @@ class PipelineConfig(StrictModel):
     lora: LoraSettings = LoraSettings()
     quantization: QuantizationConfig = QuantizationConfig()
     train: TrainConfig = TrainConfig()
+    recipe: RecipeConfig = RecipeConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()

@@ -57,6 +57,25 @@ def split_examples(config: PipelineConfig, cleaned: CleanResult, out_dir: Path) 
     )
 
 
+@task
+def apply_recipe(config: PipelineConfig, splits: SplitResult) -> SplitResult:
+    """Expand the curated examples of the training split by the profile's recipe."""
+    from dataclasses import replace
+
+    from components.records import content_hash, save_examples
+    from components.train.recipe import augment_curated
+
+    train = load_examples(Path(splits.train_path))
+    if not any(e.origin == "feedback" for e in train):
+        return splits
+    from components.model.embedding import sentence_embedder
+
+    embedder = sentence_embedder(config.memory.embedding_model)
+    augmented = augment_curated(train, config.recipe, embedder, config.data.seed)
+    save_examples(Path(splits.train_path), augmented)
+    return replace(splits, train=len(augmented), train_hash=content_hash(augmented))
+
+
 @flow(name="data-prep")
 def data_prep(
     config: PipelineConfig, base: BaseModelRef, out_dir: str, run_id: str
@@ -67,7 +86,7 @@ def data_prep(
     live = task(build_live_set)(config)
     ingested = ingest_sources(config, folder)
     cleaned = clean_examples(config, ingested, base, folder)
-    splits = split_examples(config, cleaned, folder)
+    splits = apply_recipe(config, split_examples(config, cleaned, folder))
 
     run = RunLogger(run_id)
     run.metrics(
