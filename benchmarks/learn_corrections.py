@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         "FLYWHEEL_MODEL_CACHE", str(flywheel_home() / "models")
     )
     os.environ["FLYWHEEL_HOME"] = str(home)  # a fresh registry, store and curated folder
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # offline: no telemetry from the libraries
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("FLYWHEEL_CURATED_DIR", None)
     rows = [
