@@ -105,8 +105,8 @@ class CorrectionMemory:
         self._lock = threading.Lock()
         self._checked_at = 0.0
         self._stamp: tuple[Any, ...] | None = None
-        self._served: list[MemoryEntry] = []
-        self._vectors: Any = None
+        # (served entries, their question vectors), swapped as one so readers see a pair
+        self._index: tuple[list[MemoryEntry], Any] = ([], None)
 
     @property
     def embedder(self) -> Any:
@@ -225,20 +225,21 @@ class CorrectionMemory:
     def served(self) -> list[MemoryEntry]:
         """The entries the policy serves now (one per question and correction)."""
         self._refresh()
-        return list(self._served)
+        return list(self._index[0])
 
     def recall(self, question: str) -> Recall | None:
         """The served entry whose question is most similar, if at least `threshold`."""
         self._refresh()
-        if not self._served:
+        served, vectors = self._index
+        if not served:
             return None
         vector = self.embedder.embed([normalize_text(question)])[0]
-        scores = self._vectors @ vector
+        scores = vectors @ vector
         best = int(scores.argmax())
         score = float(scores[best])
         if score < self.config.threshold:
             return None
-        return Recall(self._served[best], score)
+        return Recall(served[best], score)
 
     def _refresh(self) -> None:
         """Reload the served entries when the table changed (checked at most every second)."""
@@ -276,8 +277,7 @@ class CorrectionMemory:
                 seen.add(row["key"])
                 served.append(MemoryEntry(**{f: row[f] for f in MemoryEntry.__dataclass_fields__}))
                 vectors.append(json.loads(row["embedding"]))
-        self._served = served
-        self._vectors = np.asarray(vectors, dtype=np.float32) if vectors else None
+        self._index = (served, np.asarray(vectors, dtype=np.float32) if vectors else None)
 
 
 def remember_reviews(config: MemoryConfig, items: list[Any]) -> int:
