@@ -7,9 +7,8 @@ report counts removals per filter and PII replacements per kind.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -39,7 +38,6 @@ class CleanResult:
     removed: dict[str, int] = field(default_factory=dict)
     pii: dict[str, int] = field(default_factory=dict)
     content_hash: str = ""
-
 
 
 class NearDuplicateIndex:

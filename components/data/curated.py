@@ -71,8 +71,10 @@ def held_out(request_id: str, fraction: float) -> bool:
 
 def is_held_out_rephrasing(answer: Answer, fraction: float) -> bool:
     """A memory answer not rated down whose request falls on the held-out side."""
-    return bool(answer.memory_entry) and answer.rating != "down" and held_out(
-        answer.request_id, fraction
+    return (
+        bool(answer.memory_entry)
+        and answer.rating != "down"
+        and held_out(answer.request_id, fraction)
     )
 
 

@@ -16,7 +16,6 @@ ingests only the curated version files, never this one.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from components.config import PipelineConfig
@@ -102,9 +101,3 @@ def build_live_set(config: PipelineConfig) -> LiveSet:
     if not path.is_file():
         save_examples(path, judged)
     return LiveSet(str(path), digest, len(items.corrections), len(items.held_out), written)
-
-
-def load_live_set(path: str | None) -> list[Example]:
-    from components.records import load_examples
-
-    return load_examples(Path(path)) if path else []
