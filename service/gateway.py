@@ -361,6 +361,11 @@ async def with_connection_retry(call: Callable[[], Awaitable[Any]], attempts: in
     raise AssertionError("unreachable")
 
 
+def _as_output(value: Any) -> GenerationOutput:
+    """A generator answer as a `GenerationOutput` (BentoML may hand back its plain dict)."""
+    return value if isinstance(value, GenerationOutput) else GenerationOutput.model_validate(value)
+
+
 def _raise_for(out: GenerationOutput, param: str | None = None) -> None:
     if out.error:
         code = out.error_code or "invalid_request_error"
@@ -445,7 +450,7 @@ class Gateway:
             lambda: self.generator.to_async.generate(inputs=[item])
         )
         out = results[0]
-        out = out if isinstance(out, GenerationOutput) else GenerationOutput.model_validate(out)
+        out = _as_output(out)
         _raise_for(out, param)
         self.set_version(out.model_version)
         return out
@@ -478,7 +483,7 @@ class Gateway:
         out = await with_connection_retry(
             lambda: self.generator.to_async.count_tokens(item=item, answer=answer)
         )
-        return out if isinstance(out, GenerationOutput) else GenerationOutput.model_validate(out)
+        return _as_output(out)
 
     def _record(
         self,
