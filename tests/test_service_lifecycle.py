@@ -42,8 +42,13 @@ def test_without_a_champion_readyz_says_so_at_once(tmp_path: Path) -> None:
         started = time.perf_counter()
         ready = httpx.get(f"{service.url}/readyz", timeout=10)
         assert ready.status_code == 503 and time.perf_counter() - started < 5
-        answer = httpx.post(f"{service.url}/generate", json={"prompt": "hi"}, timeout=10)
-        assert answer.status_code == 503 and answer.headers["retry-after"] == "2"
+        deadline = time.monotonic() + 60  # until the background load has looked the model up
+        while True:
+            answer = httpx.post(f"{service.url}/generate", json={"prompt": "hi"}, timeout=10)
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "2"
+            if "still loading" not in answer.text or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         line = f"no champion for flywheel-llm-tiny in {sqlite_uri(home)}: run make train first"
         assert line in answer.json()["error"]["message"]
         log = service.log_path.read_text()
