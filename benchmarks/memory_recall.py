@@ -39,9 +39,10 @@ def unrelated_prompts() -> list[str]:
     return prompts
 
 
-def ask(url: str, prompt: str, max_new_tokens: int) -> tuple[str, dict]:
+def ask(url: str, prompt: str, max_new_tokens: int, memory: str | None = None) -> tuple[str, dict]:
     body = {"prompt": prompt, "max_new_tokens": max_new_tokens}
-    response = httpx.post(f"{url}/generate", json=body, timeout=300)
+    headers = {"x-flywheel-memory": memory} if memory else {}
+    response = httpx.post(f"{url}/generate", json=body, headers=headers, timeout=300)
     response.raise_for_status()
     return response.headers["x-flywheel-memory"], response.json()
 
@@ -58,11 +59,12 @@ def measure(url: str, facts: list[dict], unrelated: list[str]) -> dict:
         if not str(feedback.get("memory", "")).startswith("kept"):
             rejected.append({"q": fact["q"], "memory": feedback.get("memory")})
     same = rephrased = 0
-    misses = []
+    misses, asked = [], []
     for fact in facts:
         key = fact["key"].lower()
         same += key in ask(url, fact["q"], 40)[1]["text"].lower()
         status, answer = ask(url, fact["p"], 40)
+        asked.append({"p": fact["p"], "request_id": answer["request_id"], "memory": status})
         if key in answer["text"].lower():
             rephrased += 1
         else:
@@ -79,6 +81,7 @@ def measure(url: str, facts: list[dict], unrelated: list[str]) -> dict:
         "unrelated_hits": len(false_hits),
         "corrections_not_kept": rejected,
         "rephrased_misses": misses,
+        "rephrased_requests": asked,
         "false_hits": false_hits[:20],
     }
 

@@ -66,6 +66,14 @@ def scrub_pii(text: str, counts: Counter[str]) -> str:
     return sub(_PHONE, "phone", text, lambda m: len(re.sub(r"\D", "", m)) >= 9)
 
 
+# Words that carry no fact: a few articles, pronouns, auxiliaries and prepositions.
+_FUNCTION_WORDS = (
+    "a an the is are was were be been of to in on at for by with and or it its this that "
+    "these those as from you your we our their can do does i if then than"
+)
+FUNCTION_WORDS = frozenset(_FUNCTION_WORDS.split())
+
+
 def word_list(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 

@@ -1,5 +1,6 @@
 """Deploy flow: start or hot-swap the service to a model version, smoke test,
 and on any failure restore the previous champion and serving model, failing the run.
+Once the version serves, memory entries its weights now state are retired.
 
     python -m flows.deploy --model flywheel-llm --version 3 --profile cpu-small
 """
@@ -13,7 +14,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components.config import load_profile
-from components.serving.deploy import DeployError, DeployResult, roll_back, roll_out
+from components.memory.retire import retire_learned
+from components.serving.deploy import (
+    DeployError,
+    DeployResult,
+    client_auth,
+    roll_back,
+    roll_out,
+)
 from components.serving.deploy import smoke_test as run_smoke_test
 
 
@@ -25,6 +33,23 @@ def release(model_name: str, version: str, profile: str, port: int) -> tuple[str
 @task
 def smoke(url: str, version: str) -> float:
     return run_smoke_test(url, version)
+
+
+@task
+def retire_memory(profile: str, url: str, version: str) -> str:
+    """Retire the memory entries the new champion states; never fails the deploy."""
+    import httpx
+
+    try:
+        with httpx.Client(base_url=url, headers=client_auth(), timeout=300) as client:
+            outcome = retire_learned(load_profile(profile).memory, client, version)
+    except httpx.HTTPError as exc:
+        return f"memory: not checked ({exc})"
+    note = f"memory: {len(outcome.retired)} of {outcome.checked} active entries retired"
+    if outcome.errors:
+        note += f", {len(outcome.errors)} not judged ({'; '.join(outcome.errors[:3])})"
+    get_run_logger().info("%s", note)
+    return note
 
 
 @task
@@ -54,10 +79,11 @@ def deploy(
             description="Deploy and rollback",
         )
         raise DeployError(f"{exc}; {restored}") from None
-    result = DeployResult(model_name, version, url, action, latency)
+    memory = retire_memory(profile, url, version)
+    result = DeployResult(model_name, version, url, action, latency, memory)
     create_markdown_artifact(
         f"## {model_name} v{version} is serving\n- {action} at {url}\n"
-        f"- smoke test: one generation in {latency:.0f} ms",
+        f"- smoke test: one generation in {latency:.0f} ms\n- {memory}",
         key="deploy",
         description="Deploy and rollback",
     )

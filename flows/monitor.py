@@ -291,7 +291,7 @@ def monitor(
     if running is None and lock_is_held(config):
         running = "a retrain is running in-process on this machine"
     decision = assess(signals, state, config.monitor, retrain_running=running)
-    next_state(state, signals, decision, config.monitor).save(path)
+    next_state(state, signals, decision, config.monitor, acting=retrain != "off").save(path)
     publish(config, decision)
     mlflow_run = log_to_mlflow(config, decision)
     print(decision.summary)

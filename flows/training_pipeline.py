@@ -40,6 +40,7 @@ class PipelineSummary:
     version: str
     promoted: bool
     reason: str
+    gate_rule: str  # "two-sided", or "frozen" for a first model or a small live set
     scores: dict[str, dict[str, dict[str, float]]]
     run_dir: str
     deployed_url: str | None
@@ -164,6 +165,7 @@ def training_pipeline(
         version=registered.version,
         promoted=registered.gate.promote,
         reason=registered.gate.reason,
+        gate_rule=registered.gate.rule,
         scores=evaluated.frozen.scores,
         run_dir=str(run_dir),
         deployed_url=deployed_url,

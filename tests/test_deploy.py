@@ -1,4 +1,5 @@
-"""The deploy flow against a real service: start, hot swap, and roll back a broken version."""
+"""The deploy flow against a real service: start, hot swap (checking the memory against the new
+weights), and roll back a broken version."""
 
 import shutil
 from pathlib import Path
@@ -29,6 +30,37 @@ def _served_version(url: str) -> str:
     return response.headers["x-model-version"]
 
 
+def _remember_facts() -> list[str]:
+    """Two reviewed facts the tiny random model does not know (it answers with no words)."""
+    from components.config import load_profile
+    from components.memory.store import CorrectionMemory
+
+    memory = CorrectionMemory(load_profile("tiny").memory)
+    try:
+        return [
+            memory.remember(q, a, "label-studio", f"review-{i}", "1").id
+            for i, (q, a) in enumerate(
+                [
+                    ("Which port does staging MLflow use?", "Staging MLflow is on port 5077."),
+                    ("Who approves a champion?", "Lena Fischer approves every champion."),
+                ]
+            )
+        ]
+    finally:
+        memory.close()
+
+
+def _statuses() -> dict[str, str]:
+    from components.config import load_profile
+    from components.memory.store import CorrectionMemory
+
+    memory = CorrectionMemory(load_profile("tiny").memory)
+    try:
+        return {e.id: e.status for e in memory.entries()}
+    finally:
+        memory.close()
+
+
 def test_deploy_starts_swaps_and_rolls_back(home, prefect_server, tiny_base, tiny_config) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -45,10 +77,15 @@ def test_deploy_starts_swaps_and_rolls_back(home, prefect_server, tiny_base, tin
         url = first["url"]
         assert _served_version(url) == "1"
 
+        # After the swap the new weights are asked each active entry's question; these two
+        # facts the tiny model does not state stay served (test_service_logic: retiring).
+        facts = _remember_facts()
         assert _register(adapter, tiny_base, name) == "2"
         second = deploy(name, "2", profile="tiny", previous_champion="1", port=port)
         assert second["action"] == "swapped"
         assert _served_version(url) == "2"
+        assert second["memory"] == "memory: 0 of 2 active entries retired"
+        assert _statuses() == dict.fromkeys(facts, "active")
 
         broken = Path(home / "broken-adapter")
         shutil.copytree(adapter, broken)

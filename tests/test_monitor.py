@@ -189,8 +189,12 @@ def test_cooldown_holds_back_a_second_retrain(warmed):
     assert after.last_retrain_at == recent.last_retrain_at
 
     expired = MonitorState(**{**state.__dict__, "last_retrain_at": s["stable_2"].taken_at - 7300})
-    decision, _ = run(expired, s["stable_2"], window, first, reference)
-    assert decision.retrain
+    decision, started = run(expired, s["stable_2"], window, first, reference)
+    assert decision.retrain and started.last_retrain_at == s["stable_2"].taken_at
+    # A run that only reports (`--retrain off`) starts no cooldown for the next one.
+    signals = Signals(s["stable_2"].taken_at, s["stable_2"], None, window, window, first, reference)
+    looked = next_state(expired, signals, decision, CONFIG, acting=False)
+    assert looked.last_retrain_at == expired.last_retrain_at
 
 
 def test_a_running_retrain_blocks_another(warmed):
@@ -233,9 +237,12 @@ def test_monitor_curates_user_corrections_before_a_retrain(home) -> None:
             store.log(InferenceRecord(rid, 1e9, "1", "generate", prompt, "no idea", 3, 2, 5.0))
         store.add_feedback("a", "down", correction="Restart it with make worker.")
         store.add_feedback("b", "down")  # no correction: nothing to learn from
-    first = curate_feedback.fn(load_profile("tiny"), since=0.0)
+    reviewed_only = curate_feedback.fn(load_profile("tiny"), since=0.0)
+    assert reviewed_only["new"] == 0 and reviewed_only["total"] == 0  # they wait for review
+    trusting = load_profile("tiny", ["memory.trust=feedback"])
+    first = curate_feedback.fn(trusting, since=0.0)
     assert first == {"new": 1, "skipped": {}, "total": 1, "folder": str(home / "curated")}
-    again = curate_feedback.fn(load_profile("tiny"), since=0.0)
+    again = curate_feedback.fn(trusting, since=0.0)
     assert again["new"] == 0 and again["skipped"] == {"duplicate": 1} and again["total"] == 1
 
 

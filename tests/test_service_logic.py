@@ -453,6 +453,62 @@ def test_a_reviewed_only_memory_ignores_user_corrections(client_for) -> None:
     assert ask(client, FACT["q"])[0] == "miss"
 
 
+@pytest.mark.parametrize(
+    ("answer", "stated"),
+    [
+        ("The prod cluster keeps inference logs for 45 days.", True),
+        ("Prod keeps its inference logs 45 days, then deletes them.", True),
+        ("The prod cluster keeps inference logs for 30 days.", False),  # another value
+        ("Inference logs are kept for a while.", False),
+    ],
+)
+def test_an_entry_retires_only_when_the_answer_states_its_fact(answer, stated) -> None:
+    from components.memory.retire import fact_words, states_fact
+
+    assert fact_words(FACT["q"], FACT["a"]) == {"keeps", "45", "days"}
+    assert states_fact(FACT["q"], FACT["a"], answer) is stated
+
+
+def test_entries_the_new_weights_state_retire_and_the_rest_stay_served(home) -> None:
+    """The weights' answers (memory off) stand in for a trained model: the random tiny one
+    states nothing. The deploy flow runs this against the real service (test_deploy)."""
+    import httpx
+
+    from components.config import MemoryConfig
+    from components.memory.retire import retire_learned
+    from components.memory.store import CorrectionMemory
+
+    config = MemoryConfig()
+    memory = CorrectionMemory(config)
+    learned = memory.remember(FACT["q"], FACT["a"], "label-studio", "r1", "1")
+    unknown = memory.remember(
+        "Who approves a champion?", "Lena Fischer does.", "label-studio", "r2", "1"
+    )
+    weights = {
+        FACT["q"]: "Prod keeps its inference logs for 45 days.",
+        unknown.question: "Ask ops.",
+    }
+    asked = []
+
+    def service(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers["x-flywheel-memory"])
+        prompt = json.loads(request.content)["prompt"]
+        return httpx.Response(200, json={"text": weights[prompt]}, headers={"x-model-version": "2"})
+
+    with httpx.Client(transport=httpx.MockTransport(service), base_url="http://svc") as client:
+        outcome = retire_learned(config, client, "2")
+        assert (outcome.retired, outcome.kept, asked) == ([learned.id], [unknown.id], ["off"] * 2)
+        assert [e.id for e in memory.served()] == [unknown.id]
+        assert memory.recall(FACT["p"]) is None  # the weights answer it now
+        # Answers from another version (a swap in between) judge nothing.
+        assert retire_learned(config, client, "3").errors == [f"{unknown.id}: answered by v2"]
+    assert {e.id: e.status for e in memory.entries()} == {
+        learned.id: "retired",
+        unknown.id: "active",
+    }
+    memory.close()
+
+
 def test_memory_policy_limits_what_one_client_can_teach(home) -> None:
     from components.config import MemoryConfig
     from components.memory.store import CorrectionMemory, CorrectionRejected

@@ -1,9 +1,10 @@
 """Label Studio review of bad answers, through `label-studio-sdk`.
 
 Thumbs-down and low-confidence answers become review tasks: the prompt, the model's answer
-(pre-filled in the correction box as a prediction, so a reviewer edits rather than retypes)
-and why it is there. A reviewer chooses approve, correct or reject. Finished reviews come back
-as `CuratedItem`s: approved answers as they were, corrected ones with the reviewer's text.
+and why it is there, with the user's correction (or else the answer) pre-filled in the
+correction box as a prediction, so a reviewer edits rather than retypes. A reviewer chooses
+approve, correct or reject. Finished reviews come back as `CuratedItem`s: approved answers as
+they were, corrected ones with the reviewer's text.
 Rejected and cancelled ones are counted and never used.
 
 The server and its token come from `LABEL_STUDIO_URL` (default http://127.0.0.1:8080) and
@@ -97,7 +98,7 @@ def _task(answer: Answer, reason: str) -> dict[str, Any]:
                 "from_name": "correction",
                 "to_name": "answer",
                 "type": "textarea",
-                "value": {"text": [answer.response]},
+                "value": {"text": [answer.correction or answer.response]},
             }
         ],
     }

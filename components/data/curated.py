@@ -157,8 +157,13 @@ def curate(config: PipelineConfig, items: Iterable[CuratedItem]) -> CurationResu
 
 
 def user_corrections(config: PipelineConfig, since: float) -> list[CuratedItem]:
-    """Corrections users sent with `/feedback` (rated since `since`), from the inference store."""
+    """Corrections users sent with `/feedback` (rated since `since`) that the profile trusts
+    for training, as it does for the memory: all of them under `memory.trust: feedback`, none
+    under `trust: reviewed`, where they reach training only once reviewed in Label Studio."""
     from components.inference_store import InferenceStore
+
+    if config.memory.trust == "reviewed":
+        return []
 
     with InferenceStore() as store:
         answers = store.answers_since(since, rated=True)

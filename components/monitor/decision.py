@@ -257,9 +257,14 @@ def assess(
 
 
 def next_state(
-    state: MonitorState, signals: Signals, decision: RetrainDecision, config: MonitorConfig
+    state: MonitorState,
+    signals: Signals,
+    decision: RetrainDecision,
+    config: MonitorConfig,
+    acting: bool = True,
 ) -> MonitorState:
-    """The state after this run: its scrape, its time, the latency baseline, the retrain."""
+    """The state after this run: its scrape, its time, the latency baseline, and the retrain
+    if it starts one (`acting`: a run that only reports starts no cooldown)."""
     baselines = dict(state.latency_baselines)
     service = decision.service
     latency_ok = not any(c.triggered and "latency" in c.name for c in decision.checks)
@@ -275,6 +280,6 @@ def next_state(
     return MonitorState(
         last_run_at=signals.now,
         last_scrape=signals.scrape.to_dict() if signals.scrape else state.last_scrape,
-        last_retrain_at=signals.now if decision.retrain else state.last_retrain_at,
+        last_retrain_at=signals.now if decision.retrain and acting else state.last_retrain_at,
         latency_baselines=baselines,
     )

@@ -38,6 +38,7 @@ class DeployResult:
     url: str
     action: str  # "started" or "swapped"
     smoke_latency_ms: float
+    memory: str = ""  # what the check of the memory against the new weights did
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +57,8 @@ def service_env(profile: str, model_uri: str | None = None) -> dict[str, str]:
     return env
 
 
-def _auth() -> dict[str, str]:
+def client_auth() -> dict[str, str]:
+    """The headers a client of this service sends: the API key, if there is one."""
     key = api_key()
     return {"authorization": f"Bearer {key}"} if key else {}
 
@@ -128,7 +130,7 @@ def smoke_test(url: str, expected_version: str) -> float:
     started = time.perf_counter()
     response = httpx.post(
         f"{url}/generate",
-        headers=_auth(),
+        headers=client_auth(),
         timeout=120,
         json={"prompt": "How do I run the tests?", "max_new_tokens": 8},
     )
@@ -173,7 +175,7 @@ def roll_back(model_name: str, previous: str | None, profile: str, port: int, ac
         stop_service()
         start_service(profile, uri, port)
     elif is_ready(url):
-        current = httpx.get(f"{url}/v1/models", headers=_auth()).json()["data"][0]["version"]
+        current = httpx.get(f"{url}/v1/models", headers=client_auth()).json()["data"][0]["version"]
         if current != previous:
             swap_model(url, uri)
     return f"champion alias and serving model restored to version {previous}"
