@@ -4,8 +4,9 @@
 
 or the deployment `annotation-sync/<profile>`. Each run pushes the thumbs-down and
 low-confidence answers that are not in the review project yet, then turns approved and
-corrected reviews, and corrections users sent with `/feedback`, into the next version of the
-curated data (see components/curated.py) that the next training run ingests.
+corrected reviews, and (under `memory.trust: feedback`) corrections users sent with
+`/feedback`, into the next version of the curated data (see components/data/curated.py) that
+the next training run ingests.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from dataclasses import asdict
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 
 from components.annotate.review import ReviewProject, curated_items, review_candidates
@@ -32,7 +34,7 @@ def connect(title: str) -> ReviewProject:
     return ReviewProject.connect(title)
 
 
-@task
+@task(cache_policy=NO_CACHE)  # a push to Label Studio is a side effect, never a cached result
 def push_candidates(project: ReviewProject, config: PipelineConfig, since: float) -> int:
     with InferenceStore() as store:
         answers = store.answers_since(since)

@@ -89,6 +89,8 @@ def test_review_round_trip_through_label_studio(
     from flows.annotation_sync import annotation_sync
 
     monkeypatch.setenv("FLYWHEEL_CURATED_DIR", str(tmp_path / "curated"))
+    # Users' own corrections are trained on only when the profile trusts them.
+    monkeypatch.setenv("FLYWHEEL_SET", "memory.trust=feedback")
     log_answers(label_studio)
 
     first = annotation_sync(profile="tiny", lookback_days=1e5)
