@@ -108,6 +108,10 @@ class RecipeConfig(StrictModel):
     question_variants: int = Field(default=5, ge=0)  # rewrites of each curated question
     min_variant_similarity: float = Field(default=0.75, ge=0, le=1)  # embedding filter
     curated_repeats: int = Field(default=1, ge=1)  # each curated group, per epoch
+    # `champion`: a retrain continues the champion's adapter, which already knows the seed
+    # data, so it learns the corrections with less to relearn and forget; a first model, or a
+    # champion of another base model or LoRA rank, starts from the base. `base`: always fresh.
+    start: Literal["base", "champion"] = "champion"
 
 
 class EvalConfig(StrictModel):

@@ -18,8 +18,8 @@ import time
 from dataclasses import asdict
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from components.annotate.review import ReviewProject, curated_items, review_candidates
 from components.config import PipelineConfig, load_profile

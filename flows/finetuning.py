@@ -2,14 +2,49 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
 from components.config import PipelineConfig
 from components.model.base_model import BaseModelRef
+from components.registry.register import current_champion, download_version
 from components.registry.tracking import RunLogger
 from components.train.finetune import FinetuneResult, finetune
+
+
+@dataclass(frozen=True)
+class Start:
+    """The adapter a retrain continues: the champion's, fetched from the registry."""
+
+    version: str
+    adapter_dir: str
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def starting_adapter(config: PipelineConfig, base: BaseModelRef, dest: Path) -> Start | None:
+    """The champion's adapter under `recipe.start: champion`, when it was trained on the same
+    base weights; None (train from the base) otherwise."""
+    if config.recipe.start != "champion":
+        return None
+    champion = current_champion(config.registry.model_name)
+    if champion is None:
+        return None
+    try:
+        base_path, adapter_dir = download_version(
+            config.registry.model_name, str(champion.version), dest
+        )
+    except RuntimeError as exc:  # the champion's base weights are no longer the ones it had
+        get_run_logger().warning("training from the base: %s", exc)
+        return None
+    if Path(base_path).resolve() != Path(base.path).resolve():
+        get_run_logger().warning(
+            "training from the base: champion v%s was trained on another base model",
+            champion.version,
+        )
+        return None
+    return Start(str(champion.version), adapter_dir)
 
 
 @task(retries=1)  # a retry resumes from the last checkpoint instead of starting over
@@ -20,6 +55,7 @@ def train_adapter(
     validation_path: str,
     output_dir: Path,
     run_id: str,
+    init_adapter: str | None,
 ) -> FinetuneResult:
     run = RunLogger(run_id)
     return finetune(
@@ -31,6 +67,7 @@ def train_adapter(
         on_log=lambda metrics, step: run.metrics(
             {f"train.{k}": v for k, v in metrics.items()}, step
         ),
+        init_adapter=init_adapter,
     )
 
 
@@ -42,9 +79,13 @@ def finetune_stage(
     validation_path: str,
     output_dir: str,
     run_id: str,
+    start: Start | None = None,
 ) -> FinetuneResult:
-    """Train the adapter and log the loss curve and training figures."""
-    result = train_adapter(config, base, train_path, validation_path, Path(output_dir), run_id)
+    """Train the adapter (fresh, or continuing `start`) and log the loss curve and figures."""
+    init_adapter = start.adapter_dir if start else None
+    result = train_adapter(
+        config, base, train_path, validation_path, Path(output_dir), run_id, init_adapter
+    )
     run = RunLogger(run_id)
     run.artifact(result.loss_curve_png, "finetune")
     run.metrics(
@@ -58,6 +99,7 @@ def finetune_stage(
     run.tags(
         {
             "finetune.resumed_from": result.resumed_from or "none",
+            "finetune.started_from": f"champion v{start.version}" if start else "base",
             "finetune.device": result.device,
             "finetune.compute_dtype": result.compute_dtype,
         }

@@ -28,7 +28,7 @@ from components.registry.tracking import RunLogger, git_commit
 from flows.data_prep import data_prep
 from flows.deploy import deploy
 from flows.evaluation import evaluate_stage
-from flows.finetuning import finetune_stage
+from flows.finetuning import Start, finetune_stage, starting_adapter
 from flows.registration import register_stage
 
 
@@ -60,13 +60,16 @@ def with_extra_sources(config: PipelineConfig, extra_sources: list[str]) -> Pipe
     return config.model_copy(update={"data": config.data.model_copy(update={"sources": sources})})
 
 
-def finetune_dir(config: PipelineConfig, data_hash: str) -> Path:
+def finetune_dir(config: PipelineConfig, data_hash: str, start: Start | None = None) -> Path:
     """Same training inputs -> same folder, so a killed run resumes where it stopped.
 
     Keyed by what changes the trained weights (base model, LoRA, quantization, training
-    settings and the training data), not by serve, monitor or eval settings."""
+    settings, the training data and the adapter it continues), not by serve, monitor or eval
+    settings."""
     training = [config.model, config.lora, config.quantization, config.train]
     text = "".join(part.model_dump_json() for part in training) + data_hash
+    if start is not None:
+        text += f"{config.registry.model_name}/{start.version}"
     key = hashlib.sha256(text.encode()).hexdigest()[:12]
     return flywheel_home() / "runs" / config.name / f"finetune-{key}"
 
@@ -111,13 +114,15 @@ def training_pipeline(
             "mlflow_run_id": run.run_id,
         }
         run.tags(lineage)
+        start = starting_adapter(config, base, run_dir / "start")
         trained = finetune_stage(
             config,
             base,
             data.split.train_path,
             data.split.validation_path,
-            str(finetune_dir(config, data.split.train_hash)),
+            str(finetune_dir(config, data.split.train_hash, start)),
             run.run_id,
+            start,
         )
         evaluated = evaluate_stage(
             config,

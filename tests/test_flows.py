@@ -68,7 +68,7 @@ def test_cli_help_loads_no_model_library_and_needs_no_network(module: str, flag:
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_training_pipeline_tiny_twice(home, prefect_server) -> None:
+def test_training_pipeline_tiny_twice(home, prefect_server, monkeypatch) -> None:
     """Fresh home: run 1 registers and promotes; run 2 is judged against that champion."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -124,8 +124,10 @@ def test_training_pipeline_tiny_twice(home, prefect_server) -> None:
     } <= artifacts
     assert mlflow.get_tracking_uri().endswith(str(home / "mlflow.db"))
 
+    monkeypatch.setenv("FLYWHEEL_SET", "recipe.start=base")  # not continuing the champion
     second = training_pipeline(profile="tiny")
     assert second["version"] == "2"
+    assert client.get_run(second["mlflow_run_id"]).data.tags["finetune.started_from"] == "base"
     assert set(second["scores"]) == {"base", "candidate", "champion"}
     # Same data and profile give the same adapter: the gate must not call it better.
     assert not second["promoted"] and "kept the champion" in second["reason"]
@@ -299,10 +301,13 @@ def test_retrains_are_judged_on_the_live_set_and_never_train_on_held_out_items(
     asked = []
     for round_, version in ((1, "2"), (2, "3")):
         asked += log_memory_traffic(round_)
+        champion = mlflow_client().get_model_version_by_alias("flywheel-llm-tiny", "champion")
         result = training_pipeline(profile="tiny")
         assert result["version"] == version
         tags = mlflow_client().get_model_version("flywheel-llm-tiny", version).tags
         assert tags["gate.rule"] == "two-sided", tags["gate.reason"]
+        run_tags = mlflow_client().get_run(result["mlflow_run_id"]).data.tags
+        assert run_tags["finetune.started_from"] == f"champion v{champion.version}"
         assert int(tags["gate.live_size"]) >= 8 and "gate.live.low" in tags
         assert int(tags["live_set_size"]) == int(tags["gate.live_size"])
 

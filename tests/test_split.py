@@ -54,6 +54,7 @@ def test_curated_data_is_state_under_the_home(home: Path, monkeypatch) -> None:
 
 def test_the_fine_tune_folder_follows_only_what_changes_the_weights(home: Path) -> None:
     from components.config import load_profile
+    from flows.finetuning import Start
     from flows.training_pipeline import finetune_dir
 
     config = load_profile("tiny")
@@ -69,4 +70,5 @@ def test_the_fine_tune_folder_follows_only_what_changes_the_weights(home: Path) 
         load_profile("tiny", ["model.base_model=other"]),
     ]
     folders = {finetune_dir(c, "data1") for c in different} | {finetune_dir(config, "data2")}
-    assert finetune_dir(config, "data1") not in folders and len(folders) == 4
+    folders |= {finetune_dir(config, "data1", Start(v, "adapter")) for v in ("1", "2")}
+    assert finetune_dir(config, "data1") not in folders and len(folders) == 6

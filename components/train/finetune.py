@@ -43,6 +43,7 @@ class FinetuneResult:
     total_parameters: int
     device: str
     compute_dtype: str
+    started_from: str  # "base", or the adapter folder training continued
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +119,31 @@ def attach_lora(model: Any, settings: LoraSettings) -> Any:
     return get_peft_model(model, config)
 
 
+def continuable(adapter_dir: str, settings: LoraSettings) -> bool:
+    """Whether a saved adapter has the profile's LoRA shape, so training can continue it."""
+    try:
+        saved = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return saved.get("r") == settings.r and saved.get("lora_alpha") == settings.alpha
+
+
+def lora_model(model: Any, settings: LoraSettings, init_adapter: str | None) -> tuple[Any, str]:
+    """The model with trainable adapters: `init_adapter` continued when its shape fits, else
+    fresh ones; returns (model, where training starts)."""
+    if init_adapter is None:
+        return attach_lora(model, settings), "base"
+    if not continuable(init_adapter, settings):
+        log.warning(
+            "adapter %s does not have the profile's LoRA rank and alpha; training from the base",
+            init_adapter,
+        )
+        return attach_lora(model, settings), "base"
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, init_adapter, is_trainable=True), init_adapter
+
+
 def _dataset(tokenizer: Any, path: str, max_len: int) -> list[dict[str, list[int]]]:
     """Tokenized rows; a list is all the trainer needs from a map-style dataset."""
     return [tokenize_for_training(tokenizer, e, max_len) for e in load_examples(Path(path))]
@@ -147,10 +173,13 @@ def finetune(
     output_dir: Path,
     on_log: Any = None,
     extra_callbacks: list[Any] | None = None,
+    init_adapter: str | None = None,
 ) -> FinetuneResult:
     """Train LoRA adapters and save them (with the tokenizer) to `output_dir/adapter`.
 
-    `on_log(metrics, step)` receives the trainer's logs (loss, learning rate, ...) as they come.
+    `init_adapter`: an adapter to continue (the champion's, for a retrain) instead of fresh
+    ones. `on_log(metrics, step)` receives the trainer's logs (loss, learning rate, ...) as
+    they come.
     """
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
@@ -161,7 +190,7 @@ def finetune(
     model, dtype = load_base_for_training(
         base, config.quantization, device, train_cfg.gradient_checkpointing
     )
-    model = attach_lora(model, config.lora)
+    model, started_from = lora_model(model, config.lora, init_adapter)
     trainable, total = model.get_nb_trainable_parameters()
 
     train_set = _dataset(tokenizer, train_path, train_cfg.max_seq_len)
@@ -242,4 +271,5 @@ def finetune(
         total_parameters=int(total),
         device=device,
         compute_dtype=str(dtype).removeprefix("torch."),
+        started_from=started_from,
     )
