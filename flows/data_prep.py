@@ -48,12 +48,15 @@ def clean_examples(
 
 
 @task
-def split_examples(config: PipelineConfig, cleaned: CleanResult, out_dir: Path) -> SplitResult:
+def split_examples(
+    config: PipelineConfig, cleaned: CleanResult, out_dir: Path, continues: str | None
+) -> SplitResult:
     return split(
         load_examples(Path(cleaned.examples_path)),
         load_frozen_test(config.data.test_path),
         config.data,
         out_dir,
+        continues,
     )
 
 
@@ -78,15 +81,21 @@ def apply_recipe(config: PipelineConfig, splits: SplitResult) -> SplitResult:
 
 @flow(name="data-prep")
 def data_prep(
-    config: PipelineConfig, base: BaseModelRef, out_dir: str, run_id: str
+    config: PipelineConfig,
+    base: BaseModelRef,
+    out_dir: str,
+    run_id: str,
+    continues: str | None = None,
 ) -> PreparedData:
-    """Ingest, clean and split; every count goes to MLflow and a Prefect artifact."""
+    """Ingest, clean and split; every count goes to MLflow and a Prefect artifact.
+
+    `continues`: the champion version training will continue, if any (see `split`)."""
     folder = Path(out_dir)
     # First, so the trainable rephrasings it curates are ingested with the rest.
     live = task(build_live_set)(config)
     ingested = ingest_sources(config, folder)
     cleaned = clean_examples(config, ingested, base, folder)
-    splits = apply_recipe(config, split_examples(config, cleaned, folder))
+    splits = apply_recipe(config, split_examples(config, cleaned, folder, continues))
 
     run = RunLogger(run_id)
     run.metrics(

@@ -104,7 +104,9 @@ def training_pipeline(
         run.params(config.model_dump())
         run.artifact(profile_path(profile), "profile")
         run_dir = flywheel_home() / "runs" / config.name / run.run_id
-        data = data_prep(config, base, str(run_dir / "data"), run.run_id)
+        start = starting_adapter(config, base, run_dir / "start")
+        continues = start.version if start else None
+        data = data_prep(config, base, str(run_dir / "data"), run.run_id, continues)
         lineage |= {
             "dataset_hash": data.split.train_hash,
             "test_hash": data.split.test_hash,
@@ -114,7 +116,6 @@ def training_pipeline(
             "mlflow_run_id": run.run_id,
         }
         run.tags(lineage)
-        start = starting_adapter(config, base, run_dir / "start")
         trained = finetune_stage(
             config,
             base,

@@ -83,3 +83,25 @@ def test_evaluate_models_end_to_end_on_tiny_model(tmp_path, tiny_base, tiny_conf
     assert not result.comparison.candidate_is_better
     assert (tmp_path / "metrics.png").stat().st_size > 1000
     assert len(read_jsonl(tmp_path / "samples.jsonl")) == tiny_config.eval.samples_to_log
+
+
+@pytest.mark.slow
+def test_greedy_answers_are_generated_once_per_weights_prompts_and_settings(
+    home, tiny_base, tiny_config, monkeypatch
+) -> None:
+    from components.data.split import load_frozen_test
+    from components.evaluate import evaluation
+    from components.evaluate.evaluation import ModelSpec, model_answers
+
+    examples = load_frozen_test(tiny_config.data.test_path)[:4]
+    calls = []
+    real = evaluation.generate_answers
+    monkeypatch.setattr(evaluation, "generate_answers", lambda *a: calls.append(1) or real(*a))
+    spec = ModelSpec(tiny_base.path)
+    first = model_answers(spec, examples, tiny_config.eval)
+    assert model_answers(spec, examples, tiny_config.eval) == first and len(calls) == 1
+    model_answers(spec, examples[:3], tiny_config.eval)  # other prompts
+    longer = tiny_config.eval.model_copy(update={"max_new_tokens": 3})
+    model_answers(spec, examples, longer)  # other settings
+    assert len(calls) == 3
+    assert len(list((home / "eval-cache").glob("*.json"))) == 3

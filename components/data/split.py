@@ -38,9 +38,17 @@ def assign_validation(example: Example, fraction: float, seed: int) -> bool:
 
 
 def split(
-    examples: list[Example], test: list[Example], config: DataConfig, out_dir: Path
+    examples: list[Example],
+    test: list[Example],
+    config: DataConfig,
+    out_dir: Path,
+    continues: str | None = None,
 ) -> SplitResult:
-    """Write train/validation/test JSONL files to `out_dir`."""
+    """Write train/validation/test JSONL files to `out_dir`.
+
+    Under `max_train_examples`, a run that `continues` a champion (its version) replays
+    another sample of the uncapped data than the champion saw, so each retrain widens what
+    the weights have learned instead of repeating it."""
     train = [
         e for e in examples if not assign_validation(e, config.validation_fraction, config.seed)
     ]
@@ -52,7 +60,8 @@ def split(
         taught = [e for e in train if e.origin == "feedback"][: config.max_train_examples]
         rest = [e for e in train if e.origin != "feedback"]
         room = config.max_train_examples - len(taught)
-        train = taught + random.Random(config.seed).sample(rest, room)
+        sampler = random.Random(config.seed if continues is None else f"{config.seed}:{continues}")
+        train = taught + sampler.sample(rest, room)
     if not train:
         raise ValueError(
             "no training examples left after the split; add data or lower data.validation_fraction"

@@ -2,12 +2,15 @@
 
 Every model answers the same prompts (greedy). Per-example scores feed paired bootstrap
 confidence intervals: the same resampled indices are used for every model, so the interval
-of a difference between two models is meaningful.
+of a difference between two models is meaningful. Greedy answers are a function of the
+weights, the prompts and the settings, so they are kept under `$FLYWHEEL_HOME/eval-cache`:
+a retrain generates only the candidate's, not again the base's and the champion's.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +20,9 @@ import numpy as np
 
 from components.config import EvalConfig
 from components.evaluate.metrics import load_metric
+from components.model.base_model import weights_sha256
 from components.model.generation import answer_log_likelihoods, generate_chat, load_for_inference
+from components.paths import flywheel_home
 from components.plots import plot_metric_comparison
 from components.records import Example, write_jsonl
 
@@ -87,6 +92,43 @@ def generate_answers(
         )
         answers.update(zip(chunk, (o.text for o in outputs), strict=True))
     return [answers[i] for i in range(len(examples))]
+
+
+def answers_key(spec: ModelSpec, examples: list[Example], config: EvalConfig) -> str:
+    """What a model's greedy answers depend on: its weights, the prompts and the settings."""
+    weights = [weights_sha256(Path(spec.base_path))]
+    if spec.adapter_dir:
+        weights.append(weights_sha256(Path(spec.adapter_dir)))
+    text = json.dumps(
+        {
+            "weights": weights,
+            "examples": [[e.messages(with_answer=False), e.output] for e in examples],
+            "max_new_tokens": config.max_new_tokens,
+            "batch_size": config.batch_size,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def model_answers(
+    spec: ModelSpec, examples: list[Example], config: EvalConfig
+) -> tuple[list[str], list[tuple[float, int]]]:
+    """The model's greedy answers and answer log-likelihoods, from the cache when known."""
+    cached = flywheel_home() / "eval-cache" / f"{answers_key(spec, examples, config)}.json"
+    if cached.is_file():
+        known = json.loads(cached.read_text())
+        return known["answers"], [tuple(x) for x in known["likelihoods"]]
+    model, tokenizer = load_for_inference(spec.base_path, spec.adapter_dir)
+    answers = generate_answers(model, tokenizer, examples, config)
+    likelihoods = answer_log_likelihoods(model, tokenizer, examples, config.batch_size)
+    del model
+    gc.collect()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(".tmp")
+    partial.write_text(json.dumps({"answers": answers, "likelihoods": likelihoods}))
+    partial.replace(cached)
+    return answers, likelihoods
 
 
 def per_example_scores(
@@ -187,12 +229,8 @@ def evaluate_models(
     per_model: dict[str, dict[str, np.ndarray]] = {}
     generations: dict[str, list[str]] = {}
     for name, spec in models.items():
-        model, tokenizer = load_for_inference(spec.base_path, spec.adapter_dir)
-        generations[name] = generate_answers(model, tokenizer, examples, config)
-        likelihoods = answer_log_likelihoods(model, tokenizer, examples, config.batch_size)
+        generations[name], likelihoods = model_answers(spec, examples, config)
         per_model[name] = per_example_scores(generations[name], references, likelihoods)
-        del model
-        gc.collect()
 
     indices = bootstrap_indices(len(examples), config.bootstrap_samples)
     scores = {
