@@ -11,7 +11,7 @@ from components.config import PipelineConfig
 from components.model.base_model import BaseModelRef
 from components.registry.register import current_champion, download_version
 from components.registry.tracking import RunLogger
-from components.train.finetune import FinetuneResult, finetune
+from components.train.finetune import FinetuneResult, continuable, finetune
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Start:
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def starting_adapter(config: PipelineConfig, base: BaseModelRef, dest: Path) -> Start | None:
     """The champion's adapter under `recipe.start: champion`, when it was trained on the same
-    base weights; None (train from the base) otherwise."""
+    base weights and has the profile's LoRA shape; None (train from the base) otherwise."""
     if config.recipe.start != "champion":
         return None
     champion = current_champion(config.registry.model_name)
@@ -41,6 +41,12 @@ def starting_adapter(config: PipelineConfig, base: BaseModelRef, dest: Path) -> 
     if Path(base_path).resolve() != Path(base.path).resolve():
         get_run_logger().warning(
             "training from the base: champion v%s was trained on another base model",
+            champion.version,
+        )
+        return None
+    if not continuable(adapter_dir, config.lora):
+        get_run_logger().warning(
+            "training from the base: champion v%s has another LoRA rank or alpha",
             champion.version,
         )
         return None

@@ -129,15 +129,9 @@ def continuable(adapter_dir: str, settings: LoraSettings) -> bool:
 
 
 def lora_model(model: Any, settings: LoraSettings, init_adapter: str | None) -> tuple[Any, str]:
-    """The model with trainable adapters: `init_adapter` continued when its shape fits, else
+    """The model with trainable adapters: `init_adapter` continued (see `continuable`), else
     fresh ones; returns (model, where training starts)."""
     if init_adapter is None:
-        return attach_lora(model, settings), "base"
-    if not continuable(init_adapter, settings):
-        log.warning(
-            "adapter %s does not have the profile's LoRA rank and alpha; training from the base",
-            init_adapter,
-        )
         return attach_lora(model, settings), "base"
     from peft import PeftModel
 
