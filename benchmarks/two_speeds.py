@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     facts = read_jsonl(args.facts)
     home = flywheel_home() / "benchmarks" / f"two-speeds-{time.strftime('%Y%m%d-%H%M%S')}"
+    home.mkdir(parents=True)
     os.environ["FLYWHEEL_MODEL_CACHE"] = os.environ.get(
         "FLYWHEEL_MODEL_CACHE", str(flywheel_home() / "models")
     )

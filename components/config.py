@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from components.paths import REPO_ROOT, resolve_path
 
@@ -108,10 +108,30 @@ class RecipeConfig(StrictModel):
     question_variants: int = Field(default=5, ge=0)  # rewrites of each curated question
     min_variant_similarity: float = Field(default=0.75, ge=0, le=1)  # embedding filter
     curated_repeats: int = Field(default=1, ge=1)  # each curated group, per epoch
+    # Rewrites never trained on: judged in the live set, and the early-stopping set.
+    held_out_variants: int = Field(default=1, ge=0)
+    stop_variants: int = Field(default=0, ge=0)
+    # Stop when the early-stopping set's loss has not improved for this many evaluations,
+    # one every `stop_eval_steps` steps, and keep the best checkpoint (0: train to the end).
+    early_stopping_patience: int = Field(default=0, ge=0)
+    stop_eval_steps: int = Field(default=5, gt=0)
+    # Epochs by data size: a small training set trains for more epochs, until it makes
+    # `min_steps` optimizer steps, up to `max_epochs` (never fewer than `train.epochs`).
+    min_steps: int = Field(default=0, ge=0)
+    max_epochs: float = Field(default=3.0, gt=0)
     # `champion`: a retrain continues the champion's adapter, which already knows the seed
     # data, so it learns the corrections with less to relearn and forget; a first model, or a
     # champion of another base model or LoRA rank, starts from the base. `base`: always fresh.
     start: Literal["base", "champion"] = "champion"
+
+    @model_validator(mode="after")
+    def _stopping_needs_its_set(self) -> RecipeConfig:
+        if self.early_stopping_patience and not self.stop_variants:
+            raise ValueError(
+                "recipe.early_stopping_patience needs recipe.stop_variants > 0 "
+                "(the held-out rewrites it stops on)"
+            )
+        return self
 
 
 class EvalConfig(StrictModel):

@@ -11,11 +11,11 @@ from components.config import PipelineConfig
 from components.data.clean import CleanResult, clean
 from components.data.curated import curated_dir
 from components.data.ingest import IngestResult, ingest
-from components.data.live import LiveSet, build_live_set
+from components.data.live import LiveSet, build_live_set, with_variants
 from components.data.split import SplitResult, load_frozen_test, split
 from components.model.base_model import BaseModelRef
 from components.model.chat import chat_token_counter, load_tokenizer
-from components.records import load_examples
+from components.records import Example, content_hash, load_examples, save_examples
 from components.registry.tracking import RunLogger
 from flows.reports import publish_data_report
 
@@ -26,6 +26,14 @@ class PreparedData:
     clean: CleanResult
     split: SplitResult
     live: LiveSet
+    stop_path: str | None  # the recipe's early-stopping set, None when it has none
+
+
+@dataclass
+class Recipe:
+    split: SplitResult  # the training split with the curated examples expanded
+    held_out: list[Example]  # rewrites for the live set, never trained on
+    stop_path: str | None
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
@@ -61,22 +69,27 @@ def split_examples(
 
 
 @task
-def apply_recipe(config: PipelineConfig, splits: SplitResult) -> SplitResult:
-    """Expand the curated examples of the training split by the profile's recipe."""
+def apply_recipe(config: PipelineConfig, splits: SplitResult, out_dir: Path) -> Recipe:
+    """Expand the curated examples of the training split by the profile's recipe, and keep
+    the rewrites it sets aside (the early-stopping set as `stop.jsonl`)."""
     from dataclasses import replace
 
-    from components.records import content_hash, save_examples
     from components.train.recipe import augment_curated
 
     train = load_examples(Path(splits.train_path))
     if not any(e.origin == "feedback" for e in train):
-        return splits
+        return Recipe(splits, [], None)
     from components.model.embedding import sentence_embedder
 
     embedder = sentence_embedder(config.memory.embedding_model)
     augmented = augment_curated(train, config.recipe, embedder, config.data.seed)
-    save_examples(Path(splits.train_path), augmented)
-    return replace(splits, train=len(augmented), train_hash=content_hash(augmented))
+    save_examples(Path(splits.train_path), augmented.train)
+    stop_path = None
+    if augmented.stop:
+        save_examples(out_dir / "stop.jsonl", augmented.stop)
+        stop_path = str(out_dir / "stop.jsonl")
+    expanded = replace(splits, train=len(augmented.train), train_hash=content_hash(augmented.train))
+    return Recipe(expanded, augmented.held_out, stop_path)
 
 
 @flow(name="data-prep")
@@ -95,7 +108,9 @@ def data_prep(
     live = task(build_live_set)(config)
     ingested = ingest_sources(config, folder)
     cleaned = clean_examples(config, ingested, base, folder)
-    splits = apply_recipe(config, split_examples(config, cleaned, folder, continues))
+    recipe = apply_recipe(config, split_examples(config, cleaned, folder, continues), folder)
+    splits = recipe.split
+    live = with_variants(config, live, recipe.held_out)
 
     run = RunLogger(run_id)
     run.metrics(
@@ -109,6 +124,7 @@ def data_prep(
             "data.test": splits.test,
             "data.live.corrections": live.corrections,
             "data.live.held_out": live.held_out,
+            "data.live.variants": live.variants,
             "data.live.trainable_written": live.trainable_written,
             **{f"clean.removed.{k}": v for k, v in cleaned.removed.items()},
             **{f"clean.pii.{k}": v for k, v in cleaned.pii.items()},
@@ -129,4 +145,4 @@ def data_prep(
     if live.path:
         run.artifact(live.path, "data")
     publish_data_report(config.name, ingested, cleaned, splits)
-    return PreparedData(ingested, cleaned, splits, live)
+    return PreparedData(ingested, cleaned, splits, live, recipe.stop_path)

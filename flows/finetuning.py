@@ -62,6 +62,7 @@ def train_adapter(
     output_dir: Path,
     run_id: str,
     init_adapter: str | None,
+    stop_path: str | None,
 ) -> FinetuneResult:
     run = RunLogger(run_id)
     return finetune(
@@ -74,6 +75,7 @@ def train_adapter(
             {f"train.{k}": v for k, v in metrics.items()}, step
         ),
         init_adapter=init_adapter,
+        stop_path=stop_path,
     )
 
 
@@ -86,11 +88,13 @@ def finetune_stage(
     output_dir: str,
     run_id: str,
     start: Start | None = None,
+    stop_path: str | None = None,
 ) -> FinetuneResult:
-    """Train the adapter (fresh, or continuing `start`) and log the loss curve and figures."""
+    """Train the adapter (fresh, or continuing `start`; early-stopping on `stop_path` where the
+    recipe says so) and log the loss curve and figures."""
     init_adapter = start.adapter_dir if start else None
     result = train_adapter(
-        config, base, train_path, validation_path, Path(output_dir), run_id, init_adapter
+        config, base, train_path, validation_path, Path(output_dir), run_id, init_adapter, stop_path
     )
     run = RunLogger(run_id)
     run.artifact(result.loss_curve_png, "finetune")
@@ -100,6 +104,7 @@ def finetune_stage(
             "finetune.train_seconds": result.train_seconds,
             "finetune.train_tokens": result.train_tokens,
             "finetune.trainable_parameters": result.trainable_parameters,
+            **({"finetune.best_stop_loss": result.best_stop_loss} if result.best_stop_loss else {}),
         }
     )
     run.tags(

@@ -64,9 +64,9 @@ def finetune_dir(config: PipelineConfig, data_hash: str, start: Start | None = N
     """Same training inputs -> same folder, so a killed run resumes where it stopped.
 
     Keyed by what changes the trained weights (base model, LoRA, quantization, training
-    settings, the training data and the adapter it continues), not by serve, monitor or eval
-    settings."""
-    training = [config.model, config.lora, config.quantization, config.train]
+    settings and recipe, the training data and the adapter it continues), not by serve,
+    monitor or eval settings."""
+    training = [config.model, config.lora, config.quantization, config.train, config.recipe]
     text = "".join(part.model_dump_json() for part in training) + data_hash
     if start is not None:
         text += f"{config.registry.model_name}/{start.version}"
@@ -124,6 +124,7 @@ def training_pipeline(
             str(finetune_dir(config, data.split.train_hash, start)),
             run.run_id,
             start,
+            data.stop_path,
         )
         evaluated = evaluate_stage(
             config,

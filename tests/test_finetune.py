@@ -71,6 +71,43 @@ def test_lora_trains_adapters_and_leaves_base_frozen(
     assert any(not torch.equal(merged[k], untouched[k]) for k in untouched if "proj" in k)
 
 
+def test_training_stops_when_the_held_out_rewrites_stop_improving(
+    tmp_path, train_file, tiny_base, tiny_config
+) -> None:
+    """The early-stopping set contradicts the training answers, so its loss turns up once
+    they are learned: training stops `patience` evaluations after the best, and keeps it."""
+    from safetensors.torch import load_file
+
+    from components.train.finetune import finetune
+
+    stop = tmp_path / "stop.jsonl"
+    save_examples(stop, [Example(e.instruction, "Never: ask the on-call first.") for e in EXAMPLES])
+    config = tiny_config.model_copy(
+        update={
+            "train": tiny_config.train.model_copy(update={"max_steps": 40}),
+            "recipe": tiny_config.recipe.model_copy(
+                update={"stop_variants": 1, "early_stopping_patience": 2, "stop_eval_steps": 2}
+            ),
+        }
+    )
+    result = finetune(config, tiny_base, train_file, None, tmp_path / "ft", stop_path=str(stop))
+
+    evals = [
+        (h["step"], h["eval_loss"])
+        for h in json.loads((tmp_path / "ft" / "log_history.json").read_text())
+        if "eval_loss" in h
+    ]
+    assert [step for step, _ in evals] == list(range(2, result.global_step + 1, 2))
+    best_step, best = min(evals, key=lambda e: e[1])
+    assert result.best_stop_loss == pytest.approx(best)
+    assert result.global_step == best_step + 2 * 2 < 40  # stopped early
+    kept = load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
+    at_best = load_file(
+        str(tmp_path / "ft" / f"checkpoint-{best_step}" / "adapter_model.safetensors")
+    )
+    assert kept.keys() == at_best.keys() and all((kept[k] == at_best[k]).all() for k in kept)
+
+
 def test_qlora_path_runs_on_cpu_in_float32(tmp_path, train_file, tiny_base, tiny_config) -> None:
     from components.train.finetune import finetune
 

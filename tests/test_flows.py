@@ -323,4 +323,8 @@ def test_retrains_are_judged_on_the_live_set_and_never_train_on_held_out_items(
         assert held and not any(p in trained for p in held)  # never, in any retrain
         assert any(p in trained for p in trainable)  # the users' own rephrasings are learned
         live = list((folder / "data").glob("live-*.jsonl"))
-        assert live and any(json.loads(line)["instruction"] in held for line in live[0].open())
+        judged = [json.loads(line) for line in live[0].open()] if live else []
+        assert any(item["instruction"] in held for item in judged)
+        variants = [item["instruction"] for item in judged if item["origin"] == "variant"]
+        assert variants and not any(v in trained for v in variants)  # generated, held out
+        assert int(tags["gate.live_size"]) == len(judged)

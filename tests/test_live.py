@@ -1,7 +1,9 @@
 """The live evaluation set's rules, on plain data."""
 
+from pathlib import Path
+
 from components.data.curated import feedback_corrections, held_out
-from components.data.live import live_items
+from components.data.live import LiveSet, live_items, with_variants
 from components.inference_store import Answer
 from components.memory.store import MemoryEntry
 
@@ -64,3 +66,25 @@ def test_a_correction_on_a_held_out_rephrasing_is_not_trained_on() -> None:
         hit("gen-wrong", "mlflow port now?", rating="down", correction="It moved to 5078."),
     ]
     assert {i.request_id for i in feedback_corrections(answers, 0.5)} == {kept, "gen-wrong"}
+
+
+def test_the_recipes_held_out_rewrites_join_the_live_set_under_a_new_hash(
+    tmp_path, monkeypatch
+) -> None:
+    from components.config import load_profile
+    from components.records import Example, load_examples, save_examples
+
+    monkeypatch.setenv("FLYWHEEL_CURATED_DIR", str(tmp_path))
+    config = load_profile("tiny")
+    correction = Example(ENTRY.question, ENTRY.answer, origin="live")
+    path = tmp_path / "live" / "live-first.jsonl"
+    save_examples(path, [correction])
+    live = LiveSet(str(path), "first", 1, 0, 0)
+    variant = Example("MLflow port?", ENTRY.answer, origin="variant")
+
+    assert with_variants(config, live, []) is live
+    extended = with_variants(config, live, [variant])
+    assert extended.size == 2 and extended.variants == 1 and extended.content_hash != "first"
+    assert load_examples(Path(extended.path)) == [correction, variant]
+    assert load_examples(path) == [correction]  # the built live set is left as it was
+    assert with_variants(config, live, [variant]) == extended  # same content, same file

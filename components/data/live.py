@@ -7,6 +7,8 @@
   are split by request, deterministically (a hash of the request id), into trainable ones
   (written to the curated data, so the next training run learns them) and held-out ones,
   which are never trained on and judge whether a candidate generalises.
+- Generated rephrasings: the retrain recipe's held-out rewrites of each curated question
+  (`recipe.held_out_variants`, see components/train/recipe.py), never trained on either.
 
 Each build writes `live/live-<hash>.jsonl` (the judged items) in the curated folder, named by
 its content hash, so every training run records exactly which live set judged it; training
@@ -15,14 +17,15 @@ ingests only the curated version files, never this one.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from components.config import PipelineConfig
 from components.data.curated import CuratedItem, curate, curated_dir, held_out
 from components.inference_store import Answer
 from components.memory.store import MemoryEntry
-from components.records import Example, content_hash, save_examples
+from components.records import Example, content_hash, load_examples, save_examples
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,11 @@ class LiveSet:
     corrections: int
     held_out: int
     trainable_written: int
+    variants: int = 0  # the recipe's held-out rewrites
 
     @property
     def size(self) -> int:
-        return self.corrections + self.held_out
+        return self.corrections + self.held_out + self.variants
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,8 +100,23 @@ def build_live_set(config: PipelineConfig) -> LiveSet:
     judged = items.corrections + items.held_out
     if not judged:
         return LiveSet(None, "", 0, 0, written)
+    digest, path = _save(config, judged)
+    return LiveSet(str(path), digest, len(items.corrections), len(items.held_out), written)
+
+
+def _save(config: PipelineConfig, judged: list[Example]) -> tuple[str, Path]:
     digest = content_hash(judged)
     path = curated_dir(config.data.feedback_dir) / "live" / f"live-{digest[:12]}.jsonl"
     if not path.is_file():
         save_examples(path, judged)
-    return LiveSet(str(path), digest, len(items.corrections), len(items.held_out), written)
+    return digest, path
+
+
+def with_variants(config: PipelineConfig, live: LiveSet, variants: list[Example]) -> LiveSet:
+    """The live set with the recipe's held-out rewrites added, saved under its new hash."""
+    if not variants:
+        return live
+    judged = load_examples(Path(live.path)) if live.path else []
+    judged += variants
+    digest, path = _save(config, judged)
+    return replace(live, path=str(path), content_hash=digest, variants=len(variants))

@@ -36,7 +36,8 @@ class FinetuneResult:
     resumed_from: str | None
     first_loss: float
     last_loss: float
-    eval_loss: float | None
+    eval_loss: float | None  # on the validation split
+    best_stop_loss: float | None  # the early-stopping set's, at the kept checkpoint
     train_seconds: float
     train_tokens: int
     trainable_parameters: int
@@ -168,14 +169,25 @@ def finetune(
     on_log: Any = None,
     extra_callbacks: list[Any] | None = None,
     init_adapter: str | None = None,
+    stop_path: str | None = None,
 ) -> FinetuneResult:
     """Train LoRA adapters and save them (with the tokenizer) to `output_dir/adapter`.
 
     `init_adapter`: an adapter to continue (the champion's, for a retrain) instead of fresh
-    ones. `on_log(metrics, step)` receives the trainer's logs (loss, learning rate, ...) as
-    they come.
+    ones. `stop_path`: the recipe's early-stopping set; with `recipe.early_stopping_patience`
+    its loss is measured every `recipe.stop_eval_steps` steps, training stops once it no
+    longer improves, and the best checkpoint is kept. `on_log(metrics, step)` receives the
+    trainer's logs (loss, learning rate, ...) as they come.
     """
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        EarlyStoppingCallback,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    from components.train.recipe import epochs
 
     train_cfg = config.train
     device = select_device(train_cfg.device)
@@ -191,7 +203,10 @@ def finetune(
     eval_rows = (
         _dataset(tokenizer, validation_path, train_cfg.max_seq_len) if validation_path else []
     )
-    eval_set = eval_rows or None
+    recipe = config.recipe
+    stop_rows = _dataset(tokenizer, stop_path, train_cfg.max_seq_len) if stop_path else []
+    stopping = bool(recipe.early_stopping_patience and stop_rows)
+    save_steps = recipe.stop_eval_steps if stopping else train_cfg.save_steps
 
     output_dir.mkdir(parents=True, exist_ok=True)
     args = TrainingArguments(
@@ -200,16 +215,20 @@ def finetune(
         per_device_eval_batch_size=train_cfg.batch_size,
         gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
         learning_rate=train_cfg.learning_rate,
-        num_train_epochs=train_cfg.epochs,
+        num_train_epochs=epochs(len(train_set), train_cfg, recipe),
         max_steps=train_cfg.max_steps,
         warmup_steps=train_cfg.warmup_ratio,
         weight_decay=train_cfg.weight_decay,
         logging_steps=train_cfg.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=train_cfg.save_steps,
+        save_steps=save_steps,
         save_total_limit=train_cfg.save_total_limit,
-        eval_strategy="no",
+        eval_strategy="steps" if stopping else "no",
+        eval_steps=save_steps,
+        load_best_model_at_end=stopping,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         seed=train_cfg.seed,
         data_seed=train_cfg.seed,
         use_cpu=device == "cpu",
@@ -225,11 +244,13 @@ def finetune(
     callbacks = list(extra_callbacks or [])
     if on_log is not None:
         callbacks.append(_loss_callback(on_log))
+    if stopping:
+        callbacks.append(EarlyStoppingCallback(recipe.early_stopping_patience))
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_set,
-        eval_dataset=eval_set,
+        eval_dataset=stop_rows or None,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         processing_class=tokenizer,
         callbacks=callbacks,
@@ -238,7 +259,7 @@ def finetune(
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    eval_loss = trainer.evaluate(eval_rows)["eval_loss"] if eval_rows else None  # type: ignore[arg-type]
 
     adapter_dir = output_dir / "adapter"
     trained: Any = trainer.model
@@ -259,6 +280,7 @@ def finetune(
         first_loss=losses[0][1] if losses else float("nan"),
         last_loss=losses[-1][1] if losses else float("nan"),
         eval_loss=eval_loss,
+        best_stop_loss=trainer.state.best_metric if stopping else None,
         train_seconds=round(seconds, 2),
         train_tokens=int(trainer.state.num_input_tokens_seen),
         trainable_parameters=int(trainable),

@@ -9,16 +9,22 @@ the sentence-embedding model finds them at least `recipe.min_variant_similarity`
 the original, so a rewrite never changes what is asked. The answer stays the correction, and
 every curated example with its variants is repeated `recipe.curated_repeats` times per epoch.
 The seed data is replayed alongside, so what worked before is not forgotten.
+
+The next kept rewrites are never trained on: `recipe.held_out_variants` of them join the live
+set (does the candidate state the fact when asked in words it never saw?), and
+`recipe.stop_variants` more are the early-stopping set (`recipe.early_stopping_patience`).
+How long training runs follows the data's size (`epochs`).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from components.config import RecipeConfig
+from components.config import RecipeConfig, TrainConfig
 from components.records import Example
 
 # Paraphrase rules: (pattern over the whole question, replacement); applied where they match.
@@ -36,6 +42,17 @@ _REWRITES: tuple[tuple[str, str], ...] = (
     (r"^when (.+?)\??$", r"Tell me when \1."),
     (r"^(is|are|does|do|can) (.+?)\??$", r"Tell me whether \2."),
 )
+# Function words a terse query drops; what is left names what is asked about.
+_FUNCTION_WORDS = frozenset(
+    {
+        *("a", "an", "the", "of", "to", "in", "on", "at", "for", "by", "with", "from", "about"),
+        *("as", "is", "are", "was", "were", "be", "been", "does", "do", "did", "can", "could"),
+        *("should", "would", "will", "shall", "may", "might", "must", "has", "have", "had"),
+        *("i", "we", "you", "our", "your", "my", "it", "its", "this", "that", "these", "those"),
+        *("there", "which", "what", "who", "whom", "whose", "when", "where", "why", "please"),
+        *("tell", "me", "us", "and", "or"),
+    }
+)
 _SURFACES: tuple[str, ...] = (
     "Quick question: {q}",
     "{q} Please keep it short.",
@@ -46,15 +63,28 @@ _SURFACES: tuple[str, ...] = (
 )
 
 
+def terse_query(question: str) -> str | None:
+    """The question as a search-style query of its content words ("Staging MLflow server port
+    listen?"), which ties the answer to what is asked about rather than to one wording; None
+    when fewer than two content words are left."""
+    tokens = (w.strip(".,:") for w in re.findall(r"[\w#@.,:/'-]+", question))
+    words = [w for w in tokens if w and w.lower() not in _FUNCTION_WORDS]
+    if len(words) < 2:
+        return None
+    return words[0][0].upper() + words[0][1:] + " " + " ".join(words[1:]) + "?"
+
+
 def rule_rewrites(question: str) -> list[str]:
-    """Paraphrases of the question by rule (none when no rule matches its form)."""
+    """Paraphrases of the question by rule: question-word rewrites where they match its form,
+    then its terse query."""
     text = " ".join(question.split())
     found = []
     for pattern, replacement in _REWRITES:
         if re.match(pattern, text, flags=re.IGNORECASE):
             rewritten = re.sub(pattern, replacement, text, flags=re.IGNORECASE)
             found.append(rewritten[0].upper() + rewritten[1:])
-    return found
+    terse = terse_query(text)
+    return [*found, terse] if terse else found
 
 
 def candidate_variants(question: str, seed: int) -> list[str]:
@@ -72,8 +102,10 @@ def candidate_variants(question: str, seed: int) -> list[str]:
 
 
 def question_variants(question: str, config: RecipeConfig, embedder: Any, seed: int) -> list[str]:
-    """Up to `question_variants` rewrites that keep the question's meaning."""
-    if config.question_variants == 0:
+    """Up to `question_variants + held_out_variants + stop_variants` rewrites that keep the
+    question's meaning, the trained ones first."""
+    wanted = config.question_variants + config.held_out_variants + config.stop_variants
+    if wanted == 0:
         return []
     candidates = candidate_variants(question, seed)
     if not candidates:
@@ -83,21 +115,55 @@ def question_variants(question: str, config: RecipeConfig, embedder: Any, seed: 
     kept = [
         c for c, s in zip(candidates, similarity, strict=True) if s >= config.min_variant_similarity
     ]
-    return kept[: config.question_variants]
+    return kept[:wanted]
+
+
+@dataclass
+class Augmented:
+    """The training examples with the curated ones expanded, and the rewrites kept out."""
+
+    train: list[Example]
+    held_out: list[Example] = field(default_factory=list)  # judged in the live set
+    stop: list[Example] = field(default_factory=list)  # the early-stopping set
+
+
+def _key(text: str) -> str:
+    return " ".join(text.lower().split())
 
 
 def augment_curated(
     examples: list[Example], config: RecipeConfig, embedder: Any, seed: int
-) -> list[Example]:
-    """The training examples with every curated one expanded by the recipe."""
-    out = []
+) -> Augmented:
+    """Every curated example expanded by the recipe; the rewrites past `question_variants`
+    are set aside, and one that is also trained on (another example's wording) is dropped."""
+    out = Augmented(train=[])
+    kept_out: list[tuple[str, Example]] = []
+    trained = config.question_variants
     for example in examples:
         if example.origin != "feedback":
-            out.append(example)
+            out.train.append(example)
             continue
+        variants = question_variants(example.instruction, config, embedder, seed)
         group = [example] + [
-            replace(example, instruction=v, origin="variant")
-            for v in question_variants(example.instruction, config, embedder, seed)
+            replace(example, instruction=v, origin="variant") for v in variants[:trained]
         ]
-        out.extend(group * config.curated_repeats)
+        out.train.extend(group * config.curated_repeats)
+        for i, variant in enumerate(variants[trained:]):
+            side = "held_out" if i < config.held_out_variants else "stop"
+            kept_out.append((side, replace(example, instruction=variant, origin="variant")))
+    seen = {_key(e.instruction) for e in out.train}
+    for side, example in kept_out:
+        if _key(example.instruction) not in seen:
+            seen.add(_key(example.instruction))
+            getattr(out, side).append(example)
     return out
+
+
+def epochs(train_size: int, train: TrainConfig, config: RecipeConfig) -> float:
+    """`train.epochs`, raised for a small training set until it makes `recipe.min_steps`
+    optimizer steps, never past `recipe.max_epochs` (early stopping may end it sooner)."""
+    per_epoch = max(
+        1, math.ceil(train_size / (train.batch_size * train.gradient_accumulation_steps))
+    )
+    needed = config.min_steps / per_epoch
+    return max(train.epochs, min(needed, config.max_epochs))
