@@ -28,6 +28,18 @@ class PreparedData:
     live: LiveSet
     stop_path: str | None  # the recipe's early-stopping set, None when it has none
 
+    def counts(self) -> dict[str, int]:
+        return {
+            "ingested": self.ingest.valid,
+            "quarantined": self.ingest.quarantined,
+            "from_feedback": self.ingest.from_feedback,
+            "kept": self.clean.kept,
+            "train": self.split.train,
+            "validation": self.split.validation,
+            "test": self.split.test,
+            "live": self.live.size,
+        }
+
 
 @dataclass
 class Recipe:
@@ -112,16 +124,11 @@ def data_prep(
     splits = recipe.split
     live = with_variants(config, live, recipe.held_out)
 
+    prepared = PreparedData(ingested, cleaned, splits, live, recipe.stop_path)
     run = RunLogger(run_id)
     run.metrics(
         {
-            "data.ingested": ingested.valid,
-            "data.quarantined": ingested.quarantined,
-            "data.from_feedback": ingested.from_feedback,
-            "data.kept": cleaned.kept,
-            "data.train": splits.train,
-            "data.validation": splits.validation,
-            "data.test": splits.test,
+            **{f"data.{name}": count for name, count in prepared.counts().items()},
             "data.live.corrections": live.corrections,
             "data.live.held_out": live.held_out,
             "data.live.variants": live.variants,
@@ -145,4 +152,4 @@ def data_prep(
     if live.path:
         run.artifact(live.path, "data")
     publish_data_report(config.name, ingested, cleaned, splits)
-    return PreparedData(ingested, cleaned, splits, live, recipe.stop_path)
+    return prepared

@@ -22,6 +22,11 @@ class Start:
     adapter_dir: str
 
 
+def started_from(start: Start | None) -> str:
+    """Where training started, as the run records it: `base` or `champion vN`."""
+    return f"champion v{start.version}" if start else "base"
+
+
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def starting_adapter(config: PipelineConfig, base: BaseModelRef, dest: Path) -> Start | None:
     """The champion's adapter under `recipe.start: champion`, when it was trained on the same
@@ -110,7 +115,7 @@ def finetune_stage(
     run.tags(
         {
             "finetune.resumed_from": result.resumed_from or "none",
-            "finetune.started_from": f"champion v{start.version}" if start else "base",
+            "finetune.started_from": started_from(start),
             "finetune.device": result.device,
             "finetune.compute_dtype": result.compute_dtype,
         }

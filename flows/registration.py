@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, task
 
 from components.evaluate.evaluation import EvalResult
 from components.model.base_model import BaseModelRef
 from components.paths import tracking_uri
+from components.registry.model_card import CardFacts, render_model_card
 from components.registry.register import LiveEvidence, RegisterResult, register_candidate
-from components.registry.tracking import RunLogger
-from flows.reports import publish_gate_report
+from components.registry.tracking import RunLogger, mlflow_client
+from flows.reports import publish_gate_report, publish_model_card
 
 
 @task
@@ -55,3 +58,17 @@ def register_stage(
     )
     publish_gate_report(model_name, result, tracking_uri())
     return result
+
+
+@task(retries=2, retry_delay_seconds=[2, 10])
+def record_model_card(facts: CardFacts, run_id: str, out_dir: Path) -> str:
+    """Write the version's model card, log it with the run, make it the version's
+    description in the registry, and show it as a Prefect artifact; returns its path."""
+    card = render_model_card(facts)
+    path = out_dir / "model_card.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(card, encoding="utf-8")
+    RunLogger(run_id).artifact(path, "model_card")
+    mlflow_client().update_model_version(facts.model_name, facts.version, description=card)
+    publish_model_card(facts.config.name, card)
+    return str(path)

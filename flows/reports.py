@@ -72,3 +72,7 @@ def publish_gate_report(profile: str, registered: Any, mlflow_uri: str) -> None:
         ]
     )
     create_markdown_artifact(text, key=f"gate-{slug(profile)}", description="Promotion gate")
+
+
+def publish_model_card(profile: str, card: str) -> None:
+    create_markdown_artifact(card, key=f"model-card-{slug(profile)}", description="Model card")

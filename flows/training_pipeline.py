@@ -23,13 +23,14 @@ from prefect import flow, task
 from components.config import PipelineConfig, SourceConfig, load_profile, profile_path
 from components.model.base_model import BaseModelRef, resolve_base_model
 from components.paths import flywheel_home, tracking_uri
+from components.registry.model_card import CardFacts
 from components.registry.register import LiveEvidence
 from components.registry.tracking import RunLogger, git_commit
 from flows.data_prep import data_prep
 from flows.deploy import deploy
 from flows.evaluation import evaluate_stage
-from flows.finetuning import Start, finetune_stage, starting_adapter
-from flows.registration import register_stage
+from flows.finetuning import Start, finetune_stage, started_from, starting_adapter
+from flows.registration import record_model_card, register_stage
 
 
 @dataclass
@@ -66,8 +67,9 @@ def finetune_dir(config: PipelineConfig, data_hash: str, start: Start | None = N
     Keyed by what changes the trained weights (base model, LoRA, quantization, training
     settings and recipe, the training data and the adapter it continues), not by serve,
     monitor or eval settings."""
-    training = [config.model, config.lora, config.quantization, config.train, config.recipe]
+    training = [config.model, config.lora, config.quantization, config.train]
     text = "".join(part.model_dump_json() for part in training) + data_hash
+    text += config.recipe.model_dump_json(exclude={"start"})  # the start is keyed below
     if start is not None:
         text += f"{config.registry.model_name}/{start.version}"
     key = hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -151,6 +153,23 @@ def training_pipeline(
             evaluated.frozen,
             run.run_id,
             live,
+        )
+        record_model_card(
+            CardFacts(
+                registered.model_name,
+                registered.version,
+                config,
+                base,
+                lineage,
+                data.counts(),
+                trained.to_dict(),
+                started_from(start),
+                evaluated.frozen,
+                evaluated.live,
+                registered.gate,
+            ),
+            run.run_id,
+            run_dir,
         )
         if deploy_if_promoted is None:
             deploy_if_promoted = config.serve.deploy_on_promotion

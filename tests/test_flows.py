@@ -100,6 +100,11 @@ def test_training_pipeline_tiny_twice(home, prefect_server, monkeypatch) -> None
         assert version.tags.get(tag), tag
     assert version.tags["base_model"] == "tiny-random-llama"
     assert version.tags["profile"] == "tiny"
+    card = version.description  # the model card, in the registry
+    for heading in ("Base model", "Data", "Training", "Evaluation", "Gate", "Known limits"):
+        assert f"\n## {heading}" in card, heading
+    assert version.tags["base_model_sha256"] in card and first["reason"] in card
+    assert "| candidate |" in card and "data/seed/support.jsonl" in card
 
     run = client.get_run(first["mlflow_run_id"])
     for metric in (
@@ -112,7 +117,7 @@ def test_training_pipeline_tiny_twice(home, prefect_server, monkeypatch) -> None
         assert metric in run.data.metrics, metric
     artifacts = {
         a.path
-        for folder in ("data", "eval", "finetune", "profile")
+        for folder in ("data", "eval", "finetune", "profile", "model_card")
         for a in client.list_artifacts(run.info.run_id, folder)
     }
     assert {
@@ -121,6 +126,7 @@ def test_training_pipeline_tiny_twice(home, prefect_server, monkeypatch) -> None
         "eval/samples.json",
         "finetune/loss_curve.png",
         "profile/tiny.yaml",
+        "model_card/model_card.md",
     } <= artifacts
     assert mlflow.get_tracking_uri().endswith(str(home / "mlflow.db"))
 
@@ -136,7 +142,7 @@ def test_training_pipeline_tiny_twice(home, prefect_server, monkeypatch) -> None
 
     with get_client(sync_client=True) as prefect:
         keys = {a.key for a in prefect.read_artifacts()}
-    assert {"data-tiny", "eval-tiny", "gate-flywheel-llm-tiny"} <= keys
+    assert {"data-tiny", "eval-tiny", "gate-flywheel-llm-tiny", "model-card-tiny"} <= keys
 
 
 @pytest.mark.e2e
