@@ -135,7 +135,7 @@ def render_model_card(facts: CardFacts) -> str:
         "",
         "## Gate",
         "",
-        f"**{verdict}** ({facts.gate.rule} rule): {facts.gate.reason}",
+        f"**{verdict}**. The gate: {facts.gate.reason} (rule `{facts.gate.rule}`)",
         "",
         "## Known limits",
         "",
