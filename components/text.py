@@ -31,6 +31,11 @@ def normalize_text(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
+def question_key(text: str) -> str:
+    """A question as compared for sameness: lower case, whitespace collapsed."""
+    return " ".join(text.lower().split())
+
+
 def luhn_valid(digits: str) -> bool:
     """The card-number checksum: avoids scrubbing ordinary long numbers."""
     total = 0

@@ -109,7 +109,11 @@ def finetune_stage(
             "finetune.train_seconds": result.train_seconds,
             "finetune.train_tokens": result.train_tokens,
             "finetune.trainable_parameters": result.trainable_parameters,
-            **({"finetune.best_stop_loss": result.best_stop_loss} if result.best_stop_loss else {}),
+            **(
+                {"finetune.best_stop_loss": result.best_stop_loss}
+                if result.best_stop_loss is not None
+                else {}
+            ),
         }
     )
     run.tags(

@@ -26,6 +26,7 @@ from components.data.curated import CuratedItem, curate, curated_dir, held_out
 from components.inference_store import Answer
 from components.memory.store import MemoryEntry
 from components.records import Example, content_hash, load_examples, save_examples
+from components.text import question_key
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,13 @@ def live_items(entries: list[MemoryEntry], answers: list[Answer], fraction: floa
     """Corrections from the served entries; rephrasings from the answers they gave."""
     by_id = {e.id: e for e in entries}
     corrections = [Example(instruction=e.question, output=e.answer, origin="live") for e in entries]
-    asked = {" ".join(e.question.lower().split()) for e in entries}
+    asked = {question_key(e.question) for e in entries}
     trainable, held = [], []
     for answer in answers:
         entry = by_id.get(answer.memory_entry or "")
         if entry is None or answer.rating == "down" or not answer.prompt.strip():
             continue
-        if " ".join(answer.prompt.lower().split()) in asked:
+        if question_key(answer.prompt) in asked:
             continue  # the corrected question itself, asked again: not a rephrasing
         if held_out(answer.request_id, fraction):
             held.append(Example(instruction=answer.prompt, output=entry.answer, origin="live"))

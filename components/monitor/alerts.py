@@ -52,6 +52,23 @@ def _requests(codes: str | None = None) -> str:
     return f"sum(rate(bentoml_service_request_total{{{selector}}}[{WINDOW}]))"
 
 
+def quantile(q: float, buckets: str) -> str:
+    """The `q` quantile of a histogram's `_bucket` series over the rate window."""
+    return f"histogram_quantile({q}, sum by (le) (rate({buckets}[{WINDOW}])))"
+
+
+def ratings(window: str, rating: str | None = None) -> str:
+    """Ratings received in `window`, of one kind when `rating` is given (0 when none came)."""
+    if rating is None:
+        return f"sum(increase(flywheel_feedback_total[{window}]))"
+    return f'(sum(increase(flywheel_feedback_total{{rating="{rating}"}}[{window}])) or vector(0))'
+
+
+def down_rate(window: str) -> str:
+    """The share of the ratings in `window` that are thumbs-down."""
+    return f"{ratings(window, 'down')} / {ratings(window)}"
+
+
 def alerts(config: PipelineConfig) -> list[Alert]:
     """Every alert of `config`'s service, with its thresholds."""
     m = config.monitor
@@ -59,13 +76,12 @@ def alerts(config: PipelineConfig) -> list[Alert]:
     # `or vector(0)`: no 5xx series yet is a rate of 0, not a missing value
     errors = f"({_requests('5..')} or vector(0))"
     rejected = f"({_requests('429|503')} or vector(0))"
-    p95 = (
-        "histogram_quantile(0.95, sum by (le) (rate(bentoml_service_request_duration_seconds_"
-        f'bucket{{{USER_SELECTOR},http_response_code="200"}}[{WINDOW}])))'
+    p95 = quantile(
+        0.95,
+        f'bentoml_service_request_duration_seconds_bucket{{{USER_SELECTOR},http_response_code="200"}}',
     )
     window = f"{int(m.interval_minutes)}m"
-    feedback = f"sum(increase(flywheel_feedback_total[{window}]))"
-    down = f'(sum(increase(flywheel_feedback_total{{rating="down"}}[{window}])) or vector(0))'
+    feedback = ratings(window)
     slo = latency_slo_seconds(config)
     return [
         Alert(
@@ -102,7 +118,7 @@ def alerts(config: PipelineConfig) -> list[Alert]:
         ),
         Alert(
             "FlywheelThumbsDownHigh",
-            f"{down} / {feedback}",
+            down_rate(window),
             f"> {m.baseline_down_rate} and {feedback} >= {m.min_feedback}",
             "0m",
             "warn",

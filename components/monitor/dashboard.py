@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from components.monitor.alerts import USER_SELECTOR, WINDOW
+from components.monitor.alerts import USER_SELECTOR, WINDOW, down_rate, quantile
 
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 _LATENCY = f"bentoml_service_request_duration_seconds_bucket{{{USER_SELECTOR}}}"
@@ -23,10 +23,6 @@ class Panel:
     unit: str
     queries: tuple[tuple[str, str], ...]  # (PromQL, legend)
     description: str = ""
-
-
-def _quantile(q: float, buckets: str) -> str:
-    return f"histogram_quantile({q}, sum by (le) (rate({buckets}[{WINDOW}])))"
 
 
 PANELS: tuple[Panel, ...] = (
@@ -45,13 +41,13 @@ PANELS: tuple[Panel, ...] = (
     Panel(
         "Latency",
         "s",
-        tuple((_quantile(q, _LATENCY), f"p{round(q * 100)}") for q in (0.5, 0.95, 0.99)),
+        tuple((quantile(q, _LATENCY), f"p{round(q * 100)}") for q in (0.5, 0.95, 0.99)),
         "End-to-end latency of user requests through the gateway.",
     ),
     Panel(
         "Time to first token",
         "s",
-        tuple((_quantile(q, _TTFT), f"p{round(q * 100)}") for q in (0.5, 0.95)),
+        tuple((quantile(q, _TTFT), f"p{round(q * 100)}") for q in (0.5, 0.95)),
         "Streams: from the request to its first token.",
     ),
     Panel(
@@ -81,8 +77,7 @@ PANELS: tuple[Panel, ...] = (
         "percentunit",
         (
             (
-                '(sum(increase(flywheel_feedback_total{rating="down"}[1h])) or vector(0)) / '
-                "sum(increase(flywheel_feedback_total[1h]))",
+                down_rate("1h"),
                 "down / all ratings, last hour",
             ),
         ),

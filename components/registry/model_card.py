@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from components.config import PipelineConfig
@@ -42,14 +41,6 @@ class CardFacts:
     gate: Any  # GateDecision
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _scores_table(result: Any) -> list[str]:
     metrics = list(next(iter(result.scores.values())))
     lines = [
@@ -66,7 +57,11 @@ def _sources(config: PipelineConfig) -> list[str]:
     lines = []
     for source in config.data.sources:
         path = resolve_path(source.path)
-        digest = file_sha256(path)[:16] if path.is_file() else "not a file"
+        if path.is_file():
+            with path.open("rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()[:16]
+        else:
+            digest = "not a file"
         lines.append(f"| `{source.path}` | `{digest}` |")
     return lines
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from components.config import RecipeConfig, TrainConfig
 from components.records import Example
+from components.text import question_key
 
 # Paraphrase rules: (pattern over the whole question, replacement); applied where they match.
 _REWRITES: tuple[tuple[str, str], ...] = (
@@ -64,9 +65,10 @@ _SURFACES: tuple[str, ...] = (
 
 
 def terse_query(question: str) -> str | None:
-    """The question as a search-style query of its content words ("Staging MLflow server port
-    listen?"), which ties the answer to what is asked about rather than to one wording; None
-    when fewer than two content words are left."""
+    """The question as a search-style query of its content words ("Which port does the staging
+    MLflow server listen on?" -> "Port staging MLflow server listen?"), which ties the answer
+    to what is asked about rather than to one wording; None when fewer than two content words
+    are left."""
     tokens = (w.strip(".,:") for w in re.findall(r"[\w#@.,:/'-]+", question))
     words = [w for w in tokens if w and w.lower() not in _FUNCTION_WORDS]
     if len(words) < 2:
@@ -127,10 +129,6 @@ class Augmented:
     stop: list[Example] = field(default_factory=list)  # the early-stopping set
 
 
-def _key(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def augment_curated(
     examples: list[Example], config: RecipeConfig, embedder: Any, seed: int
 ) -> Augmented:
@@ -151,10 +149,10 @@ def augment_curated(
         for i, variant in enumerate(variants[trained:]):
             side = "held_out" if i < config.held_out_variants else "stop"
             kept_out.append((side, replace(example, instruction=variant, origin="variant")))
-    seen = {_key(e.instruction) for e in out.train}
+    seen = {question_key(e.instruction) for e in out.train}
     for side, example in kept_out:
-        if _key(example.instruction) not in seen:
-            seen.add(_key(example.instruction))
+        if question_key(example.instruction) not in seen:
+            seen.add(question_key(example.instruction))
             getattr(out, side).append(example)
     return out
 
