@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import aiohttp
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -225,6 +226,13 @@ def install_error_handlers(app: FastAPI) -> None:
         error = ApiError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
         return answer(request, error)
 
+    @app.exception_handler(aiohttp.ClientConnectionError)
+    async def _unreachable(request: Request, exc: aiohttp.ClientConnectionError) -> JSONResponse:
+        # The generator is stopping (a SIGTERM reached it first) or restarting.
+        log.warning("generator unreachable: %s", exc)
+        error = ApiError(503, "the model cannot be reached; retry shortly", code="unavailable")
+        return answer(request, error)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         if int(getattr(exc, "error_code", 500) or 500) == 503:  # BentoML: generator queue full
@@ -348,8 +356,6 @@ async def with_connection_retry(call: Callable[[], Awaitable[Any]], attempts: in
     gateway reuses it ("Server disconnected"); the request never reached the model, so
     sending it again on a fresh connection is safe.
     """
-    import aiohttp
-
     for attempt in range(attempts):
         try:
             return await call()

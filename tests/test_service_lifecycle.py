@@ -120,8 +120,9 @@ def test_sigterm_under_load_drains_within_the_bound_and_logs_every_answer(
 
     assert exited_after < SHUTDOWN_TIMEOUT_S, exited_after
     assert service.process.returncode == 0
-    statuses = {status for _, status, _ in results}
-    assert statuses <= {200, 503, -1}, results  # answered, refused while draining, or refused
+    # Answered, refused while draining, or refused at the socket; nothing else.
+    unexpected = [r for r in results if r[1] not in (200, 503, -1)]
+    assert not unexpected, (unexpected, service.log_path.read_text()[-6000:])
     answered = [detail for kind, status, detail in results if kind == "generate" and status == 200]
     streams = [detail for kind, status, detail in results if kind == "stream" and status == 200]
     assert answered and all(last == "data: [DONE]" for last in streams)  # none was cut off

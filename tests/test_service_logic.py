@@ -360,6 +360,52 @@ def test_streaming_route_in_process(client_for) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+class UnreachableGenerator:
+    """A generator whose server is gone: every call fails to connect, as during a shutdown."""
+
+    def __init__(self) -> None:
+        self.to_async = self
+        self.calls = 0
+
+    def _fail(self):
+        import aiohttp
+
+        self.calls += 1
+        raise aiohttp.ServerDisconnectedError()
+
+    async def generate(self, inputs):
+        self._fail()
+
+    async def stream(self, item):
+        self._fail()
+        yield ""  # an async generator, like the real one
+
+    async def count_tokens(self, item, answer):
+        self._fail()
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/generate", {"prompt": "hi", "max_new_tokens": 2}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "stream": True},
+        ),
+    ],
+)
+def test_an_unreachable_generator_is_a_503_to_retry_on_every_route(client_for, path, body) -> None:
+    client = client_for()
+    client.gateway.generator = UnreachableGenerator()
+    response = client.post(path, json=body)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "unavailable"
+    assert client.gateway.generator.calls >= 1
+
+
 FACT = {
     "q": "How long does the prod cluster keep inference logs?",
     "p": "On prod, for how many days are the inference logs retained?",
