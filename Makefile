@@ -7,6 +7,7 @@ PROFILE ?= cpu-small
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 LABEL_STUDIO_VENV := .venv-labelstudio
+EXPORT_VENV := .venv-export
 LABEL_STUDIO_PORT ?= 8080
 
 export FLYWHEEL_HOME ?= $(CURDIR)/.flywheel
@@ -22,7 +23,7 @@ export HYPOTHESIS_STORAGE_DIRECTORY ?= $(FLYWHEEL_HOME)/hypothesis
 # A fresh Prefect database takes a while to create on a small machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: help setup labelstudio-setup browser monitoring-tools labelstudio test test-fast lint format train demo \
+.PHONY: help setup engine-setup labelstudio-setup browser monitoring-tools labelstudio test test-fast lint format train demo \
 	monitor annotation-sync serve bento benchmark monitoring lock clean
 
 help:
@@ -32,11 +33,12 @@ help:
 	@echo "make demo    set up if needed, then run the whole loop on PROFILE=$(PROFILE)"
 	@echo "make train   run the training pipeline once on PROFILE=$(PROFILE)"
 	@echo "make monitor run the monitor once on PROFILE=$(PROFILE) (retrains if it decides to)"
+	@echo "make engine-setup      build $(EXPORT_VENV), the OpenVINO exporter's environment"
 	@echo "make labelstudio       start Label Studio on port $(LABEL_STUDIO_PORT) (own venv)"
 	@echo "make annotation-sync   push bad answers to Label Studio, pull reviews as data"
 	@echo "make serve   serve the champion of PROFILE=$(PROFILE) on port 3000 (bentoml serve)"
 	@echo "make bento   build a Bento of the service (for bentoml containerize)"
-	@echo "make benchmark  load test with and without adaptive batching"
+	@echo "make benchmark  load test: the OpenVINO engine, the reference, the engine's ceiling"
 	@echo "make monitoring  write the alert rules and dashboard from the profiles"
 	@echo "make lint    ruff + mypy"
 
@@ -53,6 +55,16 @@ $(VENV)/.installed: requirements.lock
 	touch $@
 
 setup: $(VENV)/.installed
+
+# The OpenVINO exporter pins an older transformers: it gets its own environment. Its
+# torchvision dependency is not needed for language models and breaks the export: removed.
+$(EXPORT_VENV)/.installed: requirements-export.txt
+	test -x $(EXPORT_VENV)/bin/python || $(PYTHON) -m venv $(EXPORT_VENV)
+	$(EXPORT_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-export.txt
+	$(EXPORT_VENV)/bin/pip uninstall --quiet --yes torchvision
+	touch $@
+
+engine-setup: $(EXPORT_VENV)/.installed
 
 # Label Studio pins old versions of many packages: it gets its own environment.
 $(LABEL_STUDIO_VENV)/.installed:
@@ -85,7 +97,7 @@ monitoring-tools:
 labelstudio: setup labelstudio-setup
 	$(PY) -m scripts.label_studio_server --port $(LABEL_STUDIO_PORT)
 
-test: setup labelstudio-setup browser monitoring-tools
+test: setup engine-setup labelstudio-setup browser monitoring-tools
 	mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -118,7 +130,7 @@ annotation-sync: setup
 	mkdir -p $(PREFECT_HOME)
 	$(PY) -m flows.annotation_sync --profile $(PROFILE)
 
-serve: setup
+serve: setup engine-setup
 	FLYWHEEL_PROFILE=$(PROFILE) $(VENV)/bin/bentoml serve . --port 3000 --timeout-graceful-shutdown 30
 
 # Code and profiles only: the model is read from the registry when the Bento starts
@@ -129,7 +141,7 @@ bento: setup
 monitoring: setup
 	$(PY) -m scripts.monitoring
 
-benchmark: setup
+benchmark: setup engine-setup
 	$(PY) -m benchmarks.serve_load --profile $(PROFILE)
 
 lock: setup

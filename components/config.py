@@ -157,9 +157,25 @@ class RegistryConfig(StrictModel):
     log_merged_weights: bool = False
 
 
+class EngineConfig(StrictModel):
+    """The runtime behind the generator.
+
+    `transformers` is the reference (static batches, float32) and the fallback. `openvino`
+    serves the champion on OpenVINO GenAI's continuous-batching engine: the adapter merged
+    and the weights compressed (`weights`) once per version, cached under the home folder.
+    If the version cannot be converted, the service says why and serves on `transformers`.
+    """
+
+    name: Literal["transformers", "openvino"] = "transformers"
+    weights: Literal["int8", "int4", "fp32"] = "int8"
+    kv_cache_gb: float = Field(default=1.0, gt=0)
+    max_batched_tokens: int = Field(default=2048, gt=0)  # per scheduler step, prompts included
+
+
 class ServeConfig(StrictModel):
     """How the BentoML service serves the champion."""
 
+    engine: EngineConfig = EngineConfig()
     port: int = Field(default=3000, gt=0, lt=65536)
     batching: bool = True
     max_batch_size: int = Field(default=16, gt=0)

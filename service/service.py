@@ -60,13 +60,17 @@ class Generator:
         from components.serving.model import ServedModel, default_model_uri
 
         # Loaded in the background: /readyz answers 503 at once until the model is in.
-        self.served = ServedModel.load_in_background(default_model_uri(), SETTINGS.warmup)
+        self.served = ServedModel.load_in_background(
+            default_model_uri(), SETTINGS.warmup, SETTINGS.engine
+        )
 
     def __is_ready__(self) -> bool:
         return self.served.ready
 
+    # Adaptive batching groups requests for the reference runtime's static batches; the
+    # OpenVINO engine batches by itself, step by step, so each request goes straight in.
     @bentoml.api(
-        batchable=SETTINGS.batching,
+        batchable=SETTINGS.batching and SETTINGS.engine.name == "transformers",
         max_batch_size=SETTINGS.max_batch_size,
         max_latency_ms=SETTINGS.max_latency_ms,
     )

@@ -60,7 +60,7 @@ def test_confidence_is_the_models_own_token_probability(tiny_base) -> None:
 def test_stop_strings_end_only_their_own_row(tokenizer) -> None:
     import torch
 
-    from components.model.generation import _row_limits, _truncate_at_stop
+    from components.model.generation import _row_limits, truncate_at_stop
 
     prompt = tokenizer("Q:", add_special_tokens=False)["input_ids"]
     answer = tokenizer(" run make test then stop", add_special_tokens=False)["input_ids"]
@@ -68,7 +68,7 @@ def test_stop_strings_end_only_their_own_row(tokenizer) -> None:
     rows = [req(50, stop=("make test",)), req(50, stop=("never",))]
     done = _row_limits(tokenizer, rows, len(prompt))(ids, None)
     assert done.tolist() == [True, False]
-    assert _truncate_at_stop("run make test then", ["make test"]) == "run "
+    assert truncate_at_stop("run make test then", ["make test"]) == "run "
 
 
 def _record(request_id: str, prompt: str = "hi") -> InferenceRecord:
@@ -213,21 +213,21 @@ def test_a_vanishing_temperature_decodes_greedily(tiny_base, temperature) -> Non
 
 
 def test_one_request_that_breaks_generation_fails_alone(champion_home, monkeypatch) -> None:
-    from components.serving import model as serving
     from components.serving.model import GenerationInput, ServedModel, default_model_uri
 
     monkeypatch.setenv("FLYWHEEL_HOME", str(champion_home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{champion_home / 'mlflow.db'}")
     monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
     served = ServedModel.from_uri(default_model_uri(), warmup=False)
-    real = serving.generate_requests
+    engine = served.current.engine
+    real = engine.generate
 
-    def fragile(model, tokenizer, requests):
+    def fragile(requests):
         if any("boom" in r.prompt for r in requests):
             raise RuntimeError("this input breaks the model")
-        return real(model, tokenizer, requests)
+        return real(requests)
 
-    monkeypatch.setattr(serving, "generate_requests", fragile)
+    monkeypatch.setattr(engine, "generate", fragile)
     inputs = [
         GenerationInput(messages=[{"role": "user", "content": text}], max_new_tokens=3)
         for text in ("fine", "boom", "also fine")

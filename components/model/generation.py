@@ -70,7 +70,7 @@ def sampling_args(temperature: float, top_p: float) -> dict[str, Any]:
     }
 
 
-def _truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=len(text))
     return text[:cut]
 
@@ -205,7 +205,7 @@ def _generate_group(
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
         results.append(
             Generation(
-                text=_truncate_at_stop(text, request.stop),
+                text=truncate_at_stop(text, request.stop),
                 prompt_tokens=int(mask.sum()),
                 completion_tokens=len(ids),
                 confidence=logprobs.confidence(index, len(ids)),
@@ -300,7 +300,7 @@ def stream_request(
     try:
         for piece in streamer:
             candidate = emitted + piece
-            text = _truncate_at_stop(candidate, request.stop)
+            text = truncate_at_stop(candidate, request.stop)
             if len(text) > len(emitted):
                 yield text[len(emitted) :]
                 emitted = text

@@ -16,10 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from components.config import PipelineConfig, ServeConfig, load_profile
+from components.config import EngineConfig, PipelineConfig, ServeConfig, load_profile
 from components.model.chat import render_chat
-from components.model.generation import GenerationRequest, generate_requests, stream_request
+from components.model.generation import GenerationRequest
 from components.paths import flywheel_home
+from components.serving.engine import Engine
 
 log = logging.getLogger("flywheel.generator")
 
@@ -72,9 +73,10 @@ def _failed(message: str, code: str, status: int = 400) -> GenerationOutput:
 class LoadedModel:
     name: str
     version: str
-    model: Any
+    engine: Engine
     tokenizer: Any
     context_length: int
+    fallback: str | None = None  # why the configured engine is not the one serving
 
 
 class ModelNotFound(LookupError):
@@ -107,18 +109,54 @@ def resolve_model_uri(uri: str) -> tuple[str, str]:
         raise ModelNotFound(f"{what} in {tracking_uri()}: run make train first") from None
 
 
-def load_model_version(name: str, version: str) -> LoadedModel:
-    """Download a registered version's adapter and load base + adapter for inference."""
-    from components.model.generation import load_for_inference
+def load_model_version(name: str, version: str, engine: EngineConfig) -> LoadedModel:
+    """Download a registered version's adapter and load it on the configured engine; if
+    the engine cannot take it, load it on the transformers reference and say why."""
+    from transformers import AutoConfig
+
+    from components.model.chat import load_tokenizer
     from components.registry.register import download_version
 
     cache = flywheel_home() / "serving" / name / version
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         base_path, adapter_dir = download_version(name, version, Path(tmp))
-        model, tokenizer = load_for_inference(base_path, adapter_dir)
-    context = int(getattr(model.config, "max_position_embeddings", 2048))
-    return LoadedModel(name, version, model, tokenizer, context)
+        tokenizer = load_tokenizer(adapter_dir, padding_side="left")
+        config = AutoConfig.from_pretrained(base_path)
+        context = int(getattr(config, "max_position_embeddings", 2048))
+        fallback = None
+        if engine.name == "openvino":
+            try:
+                return LoadedModel(
+                    name,
+                    version,
+                    openvino_engine(cache, base_path, adapter_dir, tokenizer, engine),
+                    tokenizer,
+                    context,
+                )
+            except Exception as exc:
+                fallback = f"cannot serve version {version} on OpenVINO: {exc}"
+                log.warning("%s; serving it on transformers", fallback)
+        return LoadedModel(
+            name, version, transformers_engine(base_path, adapter_dir), tokenizer, context, fallback
+        )
+
+
+def openvino_engine(
+    cache: Path, base_path: str, adapter_dir: str, tokenizer: Any, engine: EngineConfig
+) -> Engine:
+    from components.serving.convert import openvino_folder
+    from components.serving.engine import OpenVINOEngine
+
+    folder = openvino_folder(cache, base_path, adapter_dir, engine.weights)
+    return OpenVINOEngine(folder, tokenizer, engine.kv_cache_gb, engine.max_batched_tokens)
+
+
+def transformers_engine(base_path: str, adapter_dir: str) -> Engine:
+    from components.model.generation import load_for_inference
+    from components.serving.engine import TransformersEngine
+
+    return TransformersEngine(*load_for_inference(base_path, adapter_dir))
 
 
 class ServedModel:
@@ -126,25 +164,27 @@ class ServedModel:
     before switching to it. Until the first model is in, `ready` is False and every call
     answers `model_not_ready`, so the service can say so at once instead of hanging."""
 
-    def __init__(self, warmup: bool = True) -> None:
+    def __init__(self, warmup: bool = True, engine: EngineConfig | None = None) -> None:
         self.warmup = warmup
+        self.engine = engine or EngineConfig()
         self._current: LoadedModel | None = None
         self.error: str | None = None
-        # One model call at a time: concurrent generate calls on a CPU fight over the same
-        # cores and are slower together than in turn. Batching is what adds throughput.
-        self.compute = threading.Lock()
 
     @classmethod
-    def from_uri(cls, uri: str, warmup: bool = True) -> ServedModel:
+    def from_uri(
+        cls, uri: str, warmup: bool = True, engine: EngineConfig | None = None
+    ) -> ServedModel:
         """Load `uri` now (in this thread)."""
-        served = cls(warmup)
+        served = cls(warmup, engine)
         served.swap(uri)
         return served
 
     @classmethod
-    def load_in_background(cls, uri: str, warmup: bool = True) -> ServedModel:
+    def load_in_background(
+        cls, uri: str, warmup: bool = True, engine: EngineConfig | None = None
+    ) -> ServedModel:
         """Start loading `uri` in a thread; a model that cannot be found is one logged line."""
-        served = cls(warmup)
+        served = cls(warmup, engine)
 
         def load() -> None:
             try:
@@ -179,10 +219,12 @@ class ServedModel:
 
     def swap(self, uri: str) -> LoadedModel:
         """Load and warm the model at `uri`, then switch; in-flight calls finish on the old."""
-        loaded = load_model_version(*resolve_model_uri(uri))
+        loaded = load_model_version(*resolve_model_uri(uri), self.engine)
         self._warm(loaded)
-        self._current = loaded  # one reference assignment: atomic for readers
+        previous, self._current = self._current, loaded  # atomic for readers
         self.error = None
+        if previous is not None:
+            previous.engine.close()  # once the requests it is running have finished
         return loaded
 
     def generate(self, inputs: list[GenerationInput]) -> list[GenerationOutput]:
@@ -190,8 +232,7 @@ class ServedModel:
             loaded = self.current
         except ModelNotReady as exc:
             return [_failed(f"the model is not ready: {exc}", "model_not_ready", 503)] * len(inputs)
-        with self.compute:
-            return run_inputs(loaded, inputs)
+        return run_inputs(loaded, inputs)
 
     def count_tokens(self, item: GenerationInput, answer: str) -> GenerationOutput:
         """`answer` (given by the correction memory) as an output with this model's token counts."""
@@ -226,9 +267,7 @@ class ServedModel:
             yield checked
             return
         prompt, n_prompt = checked
-        pieces = stream_request(
-            loaded.model, loaded.tokenizer, _request(prompt, item), self.compute
-        )
+        pieces = loaded.engine.stream(_request(prompt, item))
         try:
             while True:
                 try:
@@ -288,7 +327,7 @@ def check_input(loaded: LoadedModel, item: GenerationInput) -> tuple[str, int] |
 
 
 def _outputs(loaded: LoadedModel, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-    results = generate_requests(loaded.model, loaded.tokenizer, requests)
+    results = loaded.engine.generate(requests)
     return [
         GenerationOutput(
             text=r.text,

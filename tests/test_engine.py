@@ -1,0 +1,197 @@
+"""The OpenVINO engine: SmolLM2 exported once (int8 weights), requests joining and leaving the
+running batch, per-request limits and stops, streams from the same batch, a refused request
+failing alone; and the service falling back to the reference when it cannot convert."""
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from components.model.generation import GenerationRequest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    from components.config import ModelConfig
+    from components.model.base_model import resolve_base_model
+    from components.model.chat import load_tokenizer
+    from components.serving.convert import openvino_folder
+    from components.serving.engine import OpenVINOEngine
+
+    base = resolve_base_model(ModelConfig())
+    folder = openvino_folder(tmp_path_factory.mktemp("openvino"), base.path, None, "int8")
+    tokenizer = load_tokenizer(base.path, padding_side="left")
+    engine = OpenVINOEngine(folder, tokenizer, cache_gb=1, max_batched_tokens=2048)
+    yield engine, tokenizer
+    engine.close()
+
+
+def ask(tokenizer, question: str, max_new_tokens: int, stop: tuple = ()) -> GenerationRequest:
+    from components.model.chat import render_chat
+
+    prompt = render_chat(tokenizer, [{"role": "user", "content": question}])
+    return GenerationRequest(prompt=prompt, max_new_tokens=max_new_tokens, stop=stop)
+
+
+def test_the_converted_model_still_knows_its_answer(smollm2) -> None:
+    engine, tokenizer = smollm2
+    [answer] = engine.generate([ask(tokenizer, "What is the capital of France?", 16)])
+    assert "Paris" in answer.text
+    assert answer.confidence is not None and 0 < answer.confidence <= 1
+
+
+def test_short_requests_join_a_running_long_one_and_leave_before_it(smollm2) -> None:
+    engine, tokenizer = smollm2
+    long_request = ask(tokenizer, "Write a long story about a lighthouse keeper.", 160)
+    first_piece, long_done = threading.Event(), {}
+
+    def read_long() -> None:
+        pieces = engine.stream(long_request)
+        try:
+            while True:
+                next(pieces)
+                first_piece.set()
+        except StopIteration as end:
+            long_done.update(at=time.monotonic(), tokens=end.value)
+
+    reader = threading.Thread(target=read_long)
+    reader.start()
+    assert first_piece.wait(60)
+    short = [ask(tokenizer, "Say hi.", n) for n in (2, 5)] + [ask(tokenizer, "Count to 50.", 9)]
+    answers = engine.generate(short)
+    short_done = time.monotonic()
+    assert not long_done  # the short ones were answered while the long one was still running
+    reader.join(120)
+    assert long_done["at"] > short_done
+    assert [a.completion_tokens for a in answers][2] == 9  # each stops at its own limit
+    assert all(a.completion_tokens <= n for a, n in zip(answers, (2, 5, 9), strict=True))
+    assert 9 < long_done["tokens"] <= 160
+
+
+def test_a_stop_string_ends_only_its_own_request(smollm2) -> None:
+    engine, tokenizer = smollm2
+    question = "List the days of the week, one per line."
+    stopped, unstopped = engine.generate(
+        [ask(tokenizer, question, 64, stop=("Wednesday",)), ask(tokenizer, question, 64)]
+    )
+    assert "Wednesday" in unstopped.text, unstopped.text
+    assert "Wednesday" not in stopped.text and "Tuesday" in stopped.text, stopped.text
+    assert stopped.completion_tokens < unstopped.completion_tokens
+
+
+def test_a_stream_rides_the_batch_and_says_what_a_whole_answer_says(smollm2) -> None:
+    engine, tokenizer = smollm2
+    request = ask(tokenizer, "Name three colours.", 24)
+    pieces: list[str] = []
+    results: list = []
+    streamer = threading.Thread(target=lambda: pieces.extend(engine.stream(request)))
+    batcher = threading.Thread(target=lambda: results.extend(engine.generate([request] * 4)))
+    streamer.start(), batcher.start()
+    streamer.join(120), batcher.join(120)
+    assert len(pieces) > 3  # token by token, not one piece at the end
+    assert "".join(pieces).strip() == results[0].text
+    assert {r.text for r in results} == {results[0].text}
+
+
+def test_a_request_the_engine_refuses_fails_alone(smollm2) -> None:
+    engine, tokenizer = smollm2
+    fine = ask(tokenizer, "Say hi.", 4)
+    refused = GenerationRequest(prompt=fine.prompt, max_new_tokens=0)
+    outcomes: dict[int, str] = {}
+
+    def send(i: int, request: GenerationRequest) -> None:
+        try:
+            outcomes[i] = f"{engine.generate([request])[0].completion_tokens} tokens"
+        except RuntimeError as exc:
+            outcomes[i] = f"refused: {exc}"
+
+    threads = [
+        threading.Thread(target=send, args=(i, refused if i % 2 else fine)) for i in range(6)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [outcomes[i] for i in (0, 2, 4)] == ["4 tokens"] * 3, outcomes
+    assert all("max_new_tokens" in outcomes[i] for i in (1, 3, 5)), outcomes
+
+
+def test_a_closed_engine_finishes_what_it_runs_and_takes_nothing_new(smollm2) -> None:
+    from components.serving.engine import OpenVINOEngine
+
+    engine, tokenizer = smollm2
+    other = OpenVINOEngine(Path(engine.model_dir), tokenizer, cache_gb=1, max_batched_tokens=512)
+    answers: list = []
+    worker = threading.Thread(
+        target=lambda: answers.extend(other.generate([ask(tokenizer, "Say hi.", 8)]))
+    )
+    worker.start()
+    time.sleep(0.2)
+    other.close()
+    worker.join(60)
+    assert len(answers) == 1 and answers[0].completion_tokens > 0
+    with pytest.raises(RuntimeError, match="closed"):
+        other.generate([ask(tokenizer, "Say hi.", 8)])
+
+
+def test_without_an_exporter_the_service_serves_the_reference_and_says_why(
+    champion_home, monkeypatch, tmp_path
+) -> None:
+    from components.config import EngineConfig
+    from components.serving.model import GenerationInput, ServedModel, default_model_uri
+
+    monkeypatch.setenv("FLYWHEEL_HOME", str(champion_home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{champion_home / 'mlflow.db'}")
+    monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
+    monkeypatch.setenv("FLYWHEEL_EXPORT_VENV", str(tmp_path / "missing"))
+    served = ServedModel.from_uri(
+        default_model_uri(), warmup=False, engine=EngineConfig(name="openvino")
+    )
+    assert served.current.engine.name == "transformers"
+    assert "make engine-setup" in (served.current.fallback or "")
+    [out] = served.generate([GenerationInput(text="hi", max_new_tokens=3)])
+    assert out.error is None and out.completion_tokens == 3
+
+
+@pytest.mark.e2e
+def test_the_service_serves_on_the_engine_over_http(champion_home, tmp_path) -> None:
+    import concurrent.futures
+
+    import httpx
+
+    from components.inference_store import InferenceStore
+    from tests.conftest import ServedService
+
+    engine = "serve.engine.name=openvino serve.engine.weights=fp32"
+    service = ServedService(
+        champion_home, env={"BENTOML_HOME": str(tmp_path / "bentoml"), "FLYWHEEL_SET": engine}
+    )
+    try:
+        service.wait_ready(240)  # the first start converts the version
+        url = service.url
+
+        def call(n: int) -> httpx.Response:
+            body = {"prompt": f"question {n}", "max_new_tokens": n}
+            return httpx.post(f"{url}/generate", json=body, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(call, [3, 5, 8, 13, 21, 3, 5, 8]))
+        assert [r.status_code for r in responses] == [200] * 8
+        # Each request left the batch at its own limit (the tiny model never says end-of-turn).
+        assert [r.json()["completion_tokens"] for r in responses] == [3, 5, 8, 13, 21, 3, 5, 8]
+        assert {r.headers["x-model-version"] for r in responses} == {"1"}
+        stream = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=stream, timeout=60) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200 and events[-1] == "data: [DONE]"
+        log = service.log_path.read_text()
+        assert "serving it on transformers" not in log
+        assert (champion_home / "serving" / "flywheel-llm-tiny" / "1" / "openvino-fp32").is_dir()
+    finally:
+        assert service.stop() == 0
+    with InferenceStore(f"sqlite:///{champion_home / 'feedback.db'}") as store:
+        for response in responses:
+            assert store.get(response.json()["request_id"]) is not None
