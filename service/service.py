@@ -50,8 +50,16 @@ SETTINGS = PROFILE.serve
 LATENCY_BUCKETS = {"min": 0.05, "max": 300.0, "factor": 1.4}
 
 
+# The reference runs one model call at a time; on the engine every request waits in its own
+# thread while the engine's loop serves them all (BentoML runs sync APIs on `threads` threads).
+ENGINE_THREADS = SETTINGS.max_concurrency if SETTINGS.engine.name == "openvino" else 1
+
+
 @bentoml.service(
-    name="flywheel-generator", workers=1, traffic={"timeout": SETTINGS.request_timeout_s}
+    name="flywheel-generator",
+    workers=1,
+    threads=ENGINE_THREADS,
+    traffic={"timeout": SETTINGS.request_timeout_s},
 )
 class Generator:
     """The model: batched generation, streaming, and hot swap to another version."""

@@ -195,3 +195,64 @@ def test_the_service_serves_on_the_engine_over_http(champion_home, tmp_path) -> 
     with InferenceStore(f"sqlite:///{champion_home / 'feedback.db'}") as store:
         for response in responses:
             assert store.get(response.json()["request_id"]) is not None
+
+
+class Garbling:
+    """A conversion gone wrong (as bfloat16 goes on this CPU): the engine answers garbage."""
+
+    name = "openvino"
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def generate(self, requests):
+        from dataclasses import replace
+
+        return [replace(g, text=g.text[::-1]) for g in self.engine.generate(requests)]
+
+
+@pytest.fixture(scope="module")
+def frozen_profile():
+    from components.config import load_profile
+
+    return load_profile("cpu-small", ["eval.max_examples=16", "eval.max_new_tokens=32"])
+
+
+def test_the_quality_check_passes_the_engine_and_refuses_a_broken_conversion(
+    smollm2, frozen_profile, home
+) -> None:
+    from components.config import ModelConfig
+    from components.model.base_model import resolve_base_model
+    from components.serving.quality import check_engine
+
+    engine, tokenizer = smollm2
+    base = resolve_base_model(ModelConfig()).path
+    good = check_engine(engine, tokenizer, base, None, frozen_profile)
+    broken = check_engine(Garbling(engine), tokenizer, base, None, frozen_profile)
+    assert good.examples == broken.examples == 16
+    assert good.reference_low <= good.reference_rouge_l <= good.reference_high
+    assert good.passed, good.summary()
+    assert not broken.passed, broken.summary()
+    assert "below the float32 reference" in broken.summary()
+
+
+def test_a_refused_conversion_is_served_on_the_reference_and_recorded(
+    champion_home, monkeypatch
+) -> None:
+    from components.config import EngineConfig
+    from components.registry.tracking import mlflow_client
+    from components.serving import quality
+    from components.serving.model import ServedModel, default_model_uri
+
+    monkeypatch.setenv("FLYWHEEL_HOME", str(champion_home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{champion_home / 'mlflow.db'}")
+    monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
+    verdict = quality.EngineQuality("openvino", 16, 0.05, 0.30, 0.25, 0.35, 0.95)
+    monkeypatch.setattr(quality, "check_engine", lambda *args: verdict)
+    engine = EngineConfig(name="openvino", weights="int8")  # not yet checked in this home
+    served = ServedModel.from_uri(default_model_uri(), warmup=False, engine=engine)
+    assert served.current.engine.name == "transformers"
+    assert "below the float32 reference" in served.current.fallback
+    tags = mlflow_client().get_model_version("flywheel-llm-tiny", "1").tags
+    assert tags["serving.engine"] == "transformers"
+    assert "below the float32 reference" in tags["serving.fallback"]

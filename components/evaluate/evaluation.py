@@ -160,7 +160,7 @@ def metric_statistic(metric: str, values: np.ndarray) -> np.ndarray:
     return np.asarray(scores).reshape(totals.shape[:-1])
 
 
-def _interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+def bootstrap_interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(samples, [tail, 100 - tail])
     return float(low), float(high)
@@ -177,7 +177,7 @@ def summarize(
     summary = {}
     for metric in METRICS:
         values = per_example[metric]
-        low, high = _interval(metric_statistic(metric, values[indices]), confidence)
+        low, high = bootstrap_interval(metric_statistic(metric, values[indices]), confidence)
         summary[metric] = {
             "value": float(metric_statistic(metric, values)),
             "low": low,
@@ -198,7 +198,7 @@ def compare(
     diffs = metric_statistic(metric, candidate[metric][indices]) - metric_statistic(
         metric, reference[metric][indices]
     )
-    low, high = _interval(diffs, confidence)
+    low, high = bootstrap_interval(diffs, confidence)
     cand = float(metric_statistic(metric, candidate[metric]))
     ref = float(metric_statistic(metric, reference[metric]))
     return Comparison(

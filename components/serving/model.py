@@ -124,32 +124,58 @@ def load_model_version(name: str, version: str, engine: EngineConfig) -> LoadedM
         tokenizer = load_tokenizer(adapter_dir, padding_side="left")
         config = AutoConfig.from_pretrained(base_path)
         context = int(getattr(config, "max_position_embeddings", 2048))
-        fallback = None
+        fallback = quality = None
         if engine.name == "openvino":
             try:
-                return LoadedModel(
-                    name,
-                    version,
-                    openvino_engine(cache, base_path, adapter_dir, tokenizer, engine),
-                    tokenizer,
-                    context,
-                )
+                served, quality = openvino_engine(cache, base_path, adapter_dir, tokenizer, engine)
+                loaded = LoadedModel(name, version, served, tokenizer, context)
             except Exception as exc:
                 fallback = f"cannot serve version {version} on OpenVINO: {exc}"
                 log.warning("%s; serving it on transformers", fallback)
-        return LoadedModel(
-            name, version, transformers_engine(base_path, adapter_dir), tokenizer, context, fallback
-        )
+        if engine.name != "openvino" or fallback:
+            reference = transformers_engine(base_path, adapter_dir)
+            loaded = LoadedModel(name, version, reference, tokenizer, context, fallback)
+    record_engine(name, version, loaded, quality)
+    return loaded
 
 
 def openvino_engine(
     cache: Path, base_path: str, adapter_dir: str, tokenizer: Any, engine: EngineConfig
-) -> Engine:
+) -> tuple[Engine, str]:
+    """The version on OpenVINO, once its answers passed the quality check (and the check's
+    summary); `EngineRejected` if they did not."""
     from components.serving.convert import openvino_folder
     from components.serving.engine import OpenVINOEngine
+    from components.serving.quality import EngineRejected, check_engine, checked_once
 
     folder = openvino_folder(cache, base_path, adapter_dir, engine.weights)
-    return OpenVINOEngine(folder, tokenizer, engine.kv_cache_gb, engine.max_batched_tokens)
+    served = OpenVINOEngine(folder, tokenizer, engine.kv_cache_gb, engine.max_batched_tokens)
+    quality = checked_once(
+        folder,
+        lambda: check_engine(served, tokenizer, base_path, adapter_dir, serving_profile()),
+    )
+    log.info("quality check: %s", quality.summary())
+    if not quality.passed:
+        served.close()
+        raise EngineRejected(quality.summary())
+    return served, quality.summary()
+
+
+def record_engine(name: str, version: str, loaded: LoadedModel, quality: str | None) -> None:
+    """Say on the registered version which engine serves it, and why."""
+    from components.registry.tracking import mlflow_client
+
+    tags = {"serving.engine": loaded.engine.name}
+    if quality:
+        tags["serving.quality"] = quality
+    if loaded.fallback:
+        tags["serving.fallback"] = loaded.fallback
+    try:
+        client = mlflow_client()
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value[:5000])
+    except Exception as exc:  # the registry being away never stops serving
+        log.warning("could not record the serving engine on version %s: %s", version, exc)
 
 
 def transformers_engine(base_path: str, adapter_dir: str) -> Engine:
