@@ -118,7 +118,7 @@ train: setup
 	mkdir -p $(PREFECT_HOME)
 	$(PY) -m flows.training_pipeline --profile $(PROFILE)
 
-demo: setup
+demo: setup engine-setup
 	mkdir -p $(PREFECT_HOME)
 	$(PY) -m scripts.demo --profile $(PROFILE) $(DEMO_ARGS)
 

@@ -1,5 +1,6 @@
-"""Deploy flow: start or hot-swap the service to a model version, smoke test,
-and on any failure restore the previous champion and serving model, failing the run.
+"""Deploy flow: prepare a model version for the profile's engine (convert, check its
+quality), start or hot-swap the service to it, smoke test, and on any failure restore the
+previous champion and serving model, failing the run.
 Once the version serves, memory entries its weights now state are retired.
 
     python -m flows.deploy --model flywheel-llm --version 3 --profile cpu-small
@@ -23,6 +24,15 @@ from components.serving.deploy import (
     roll_out,
 )
 from components.serving.deploy import smoke_test as run_smoke_test
+from components.serving.model import prepare_version
+
+
+@task
+def prepare(model_name: str, version: str, profile: str) -> str:
+    """Convert and check the version for the profile's engine before the service loads it."""
+    note = prepare_version(model_name, version, load_profile(profile))
+    get_run_logger().info("%s", note)
+    return note
 
 
 @task
@@ -68,6 +78,7 @@ def deploy(
     """Serve `model_name` version `version`; roll back to `previous_champion` on failure."""
     port = port or load_profile(profile).serve.port
     url, action = f"http://127.0.0.1:{port}", "swapped"
+    engine = prepare(model_name, version, profile)
     try:
         url, action = release(model_name, version, profile, port)
         latency = smoke(url, version)
@@ -83,7 +94,7 @@ def deploy(
     result = DeployResult(model_name, version, url, action, latency, memory)
     create_markdown_artifact(
         f"## {model_name} v{version} is serving\n- {action} at {url}\n"
-        f"- smoke test: one generation in {latency:.0f} ms\n- {memory}",
+        f"- {engine}\n- smoke test: one generation in {latency:.0f} ms\n- {memory}",
         key="deploy",
         description="Deploy and rollback",
     )

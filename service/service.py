@@ -55,11 +55,18 @@ LATENCY_BUCKETS = {"min": 0.05, "max": 300.0, "factor": 1.4}
 ENGINE_THREADS = SETTINGS.max_concurrency if SETTINGS.engine.name == "openvino" else 1
 
 
+# BentoML renews the gateway's connection session to the generator every 100 requests or
+# 5 minutes by closing the old one, even with requests in flight on it: under load those fail
+# ("Connector is closed") or lose their answer until the timeout. One session for good.
+KEEP_SESSION = {"max_requests": 2**31 - 1, "max_age": 10.0**9}
+
+
 @bentoml.service(
     name="flywheel-generator",
     workers=1,
     threads=ENGINE_THREADS,
     traffic={"timeout": SETTINGS.request_timeout_s},
+    runner_connection=KEEP_SESSION,
 )
 class Generator:
     """The model: batched generation, streaming, and hot swap to another version."""
@@ -68,9 +75,7 @@ class Generator:
         from components.serving.model import ServedModel, default_model_uri
 
         # Loaded in the background: /readyz answers 503 at once until the model is in.
-        self.served = ServedModel.load_in_background(
-            default_model_uri(), SETTINGS.warmup, SETTINGS.engine
-        )
+        self.served = ServedModel.load_in_background(default_model_uri(), SETTINGS.warmup, PROFILE)
 
     def __is_ready__(self) -> bool:
         return self.served.ready

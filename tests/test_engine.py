@@ -140,16 +140,15 @@ def test_a_closed_engine_finishes_what_it_runs_and_takes_nothing_new(smollm2) ->
 def test_without_an_exporter_the_service_serves_the_reference_and_says_why(
     champion_home, monkeypatch, tmp_path
 ) -> None:
-    from components.config import EngineConfig
+    from components.config import load_profile
     from components.serving.model import GenerationInput, ServedModel, default_model_uri
 
     monkeypatch.setenv("FLYWHEEL_HOME", str(champion_home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{champion_home / 'mlflow.db'}")
     monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
     monkeypatch.setenv("FLYWHEEL_EXPORT_VENV", str(tmp_path / "missing"))
-    served = ServedModel.from_uri(
-        default_model_uri(), warmup=False, engine=EngineConfig(name="openvino")
-    )
+    config = load_profile("tiny", ["serve.engine.name=openvino"])
+    served = ServedModel.from_uri(default_model_uri(), warmup=False, config=config)
     assert served.current.engine.name == "transformers"
     assert "make engine-setup" in (served.current.fallback or "")
     [out] = served.generate([GenerationInput(text="hi", max_new_tokens=3)])
@@ -239,7 +238,7 @@ def test_the_quality_check_passes_the_engine_and_refuses_a_broken_conversion(
 def test_a_refused_conversion_is_served_on_the_reference_and_recorded(
     champion_home, monkeypatch
 ) -> None:
-    from components.config import EngineConfig
+    from components.config import load_profile
     from components.registry.tracking import mlflow_client
     from components.serving import quality
     from components.serving.model import ServedModel, default_model_uri
@@ -249,8 +248,9 @@ def test_a_refused_conversion_is_served_on_the_reference_and_recorded(
     monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
     verdict = quality.EngineQuality("openvino", 16, 0.05, 0.30, 0.25, 0.35, 0.95)
     monkeypatch.setattr(quality, "check_engine", lambda *args: verdict)
-    engine = EngineConfig(name="openvino", weights="int8")  # not yet checked in this home
-    served = ServedModel.from_uri(default_model_uri(), warmup=False, engine=engine)
+    # int8 weights: a folder not yet checked in this home
+    config = load_profile("tiny", ["serve.engine.name=openvino", "serve.engine.weights=int8"])
+    served = ServedModel.from_uri(default_model_uri(), warmup=False, config=config)
     assert served.current.engine.name == "transformers"
     assert "below the float32 reference" in served.current.fallback
     tags = mlflow_client().get_model_version("flywheel-llm-tiny", "1").tags

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from components.config import EngineConfig, PipelineConfig, ServeConfig, load_profile
+from components.config import PipelineConfig, ServeConfig, load_profile
 from components.model.chat import render_chat
 from components.model.generation import GenerationRequest
 from components.paths import flywheel_home
@@ -77,6 +77,7 @@ class LoadedModel:
     tokenizer: Any
     context_length: int
     fallback: str | None = None  # why the configured engine is not the one serving
+    quality: str | None = None  # the converted engine's quality check, when it serves
 
 
 class ModelNotFound(LookupError):
@@ -109,7 +110,7 @@ def resolve_model_uri(uri: str) -> tuple[str, str]:
         raise ModelNotFound(f"{what} in {tracking_uri()}: run make train first") from None
 
 
-def load_model_version(name: str, version: str, engine: EngineConfig) -> LoadedModel:
+def load_model_version(name: str, version: str, config: PipelineConfig) -> LoadedModel:
     """Download a registered version's adapter and load it on the configured engine; if
     the engine cannot take it, load it on the transformers reference and say why."""
     from transformers import AutoConfig
@@ -124,23 +125,33 @@ def load_model_version(name: str, version: str, engine: EngineConfig) -> LoadedM
         tokenizer = load_tokenizer(adapter_dir, padding_side="left")
         config = AutoConfig.from_pretrained(base_path)
         context = int(getattr(config, "max_position_embeddings", 2048))
-        fallback = quality = None
+        engine, fallback = config.serve.engine, None
         if engine.name == "openvino":
             try:
-                served, quality = openvino_engine(cache, base_path, adapter_dir, tokenizer, engine)
-                loaded = LoadedModel(name, version, served, tokenizer, context)
+                served, quality = openvino_engine(cache, base_path, adapter_dir, tokenizer, config)
+                loaded = LoadedModel(name, version, served, tokenizer, context, quality=quality)
             except Exception as exc:
                 fallback = f"cannot serve version {version} on OpenVINO: {exc}"
                 log.warning("%s; serving it on transformers", fallback)
         if engine.name != "openvino" or fallback:
             reference = transformers_engine(base_path, adapter_dir)
             loaded = LoadedModel(name, version, reference, tokenizer, context, fallback)
-    record_engine(name, version, loaded, quality)
+    record_engine(loaded)
     return loaded
 
 
+def prepare_version(name: str, version: str, config: PipelineConfig) -> str:
+    """Convert and check a version for the profile's engine ahead of serving it, so that the
+    service loads it in seconds (the deploy flow runs this); says what will serve it."""
+    if config.serve.engine.name == "transformers":
+        return "engine: transformers (the reference)"
+    loaded = load_model_version(name, version, config)
+    loaded.engine.close()
+    return f"engine: {loaded.engine.name} ({loaded.fallback or loaded.quality})"
+
+
 def openvino_engine(
-    cache: Path, base_path: str, adapter_dir: str, tokenizer: Any, engine: EngineConfig
+    cache: Path, base_path: str, adapter_dir: str, tokenizer: Any, config: PipelineConfig
 ) -> tuple[Engine, str]:
     """The version on OpenVINO, once its answers passed the quality check (and the check's
     summary); `EngineRejected` if they did not."""
@@ -148,11 +159,12 @@ def openvino_engine(
     from components.serving.engine import OpenVINOEngine
     from components.serving.quality import EngineRejected, check_engine, checked_once
 
+    engine = config.serve.engine
     folder = openvino_folder(cache, base_path, adapter_dir, engine.weights)
     served = OpenVINOEngine(folder, tokenizer, engine.kv_cache_gb, engine.max_batched_tokens)
     quality = checked_once(
         folder,
-        lambda: check_engine(served, tokenizer, base_path, adapter_dir, serving_profile()),
+        lambda: check_engine(served, tokenizer, base_path, adapter_dir, config),
     )
     log.info("quality check: %s", quality.summary())
     if not quality.passed:
@@ -161,21 +173,21 @@ def openvino_engine(
     return served, quality.summary()
 
 
-def record_engine(name: str, version: str, loaded: LoadedModel, quality: str | None) -> None:
+def record_engine(loaded: LoadedModel) -> None:
     """Say on the registered version which engine serves it, and why."""
     from components.registry.tracking import mlflow_client
 
     tags = {"serving.engine": loaded.engine.name}
-    if quality:
-        tags["serving.quality"] = quality
+    if loaded.quality:
+        tags["serving.quality"] = loaded.quality
     if loaded.fallback:
         tags["serving.fallback"] = loaded.fallback
     try:
         client = mlflow_client()
         for key, value in tags.items():
-            client.set_model_version_tag(name, version, key, value[:5000])
+            client.set_model_version_tag(loaded.name, loaded.version, key, value[:5000])
     except Exception as exc:  # the registry being away never stops serving
-        log.warning("could not record the serving engine on version %s: %s", version, exc)
+        log.warning("could not record the engine on version %s: %s", loaded.version, exc)
 
 
 def transformers_engine(base_path: str, adapter_dir: str) -> Engine:
@@ -190,27 +202,27 @@ class ServedModel:
     before switching to it. Until the first model is in, `ready` is False and every call
     answers `model_not_ready`, so the service can say so at once instead of hanging."""
 
-    def __init__(self, warmup: bool = True, engine: EngineConfig | None = None) -> None:
+    def __init__(self, warmup: bool = True, config: PipelineConfig | None = None) -> None:
         self.warmup = warmup
-        self.engine = engine or EngineConfig()
+        self.config = config or serving_profile()
         self._current: LoadedModel | None = None
         self.error: str | None = None
 
     @classmethod
     def from_uri(
-        cls, uri: str, warmup: bool = True, engine: EngineConfig | None = None
+        cls, uri: str, warmup: bool = True, config: PipelineConfig | None = None
     ) -> ServedModel:
         """Load `uri` now (in this thread)."""
-        served = cls(warmup, engine)
+        served = cls(warmup, config)
         served.swap(uri)
         return served
 
     @classmethod
     def load_in_background(
-        cls, uri: str, warmup: bool = True, engine: EngineConfig | None = None
+        cls, uri: str, warmup: bool = True, config: PipelineConfig | None = None
     ) -> ServedModel:
         """Start loading `uri` in a thread; a model that cannot be found is one logged line."""
-        served = cls(warmup, engine)
+        served = cls(warmup, config)
 
         def load() -> None:
             try:
@@ -245,7 +257,7 @@ class ServedModel:
 
     def swap(self, uri: str) -> LoadedModel:
         """Load and warm the model at `uri`, then switch; in-flight calls finish on the old."""
-        loaded = load_model_version(*resolve_model_uri(uri), self.engine)
+        loaded = load_model_version(*resolve_model_uri(uri), self.config)
         self._warm(loaded)
         previous, self._current = self._current, loaded  # atomic for readers
         self.error = None
