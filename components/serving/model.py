@@ -123,8 +123,8 @@ def load_model_version(name: str, version: str, config: PipelineConfig) -> Loade
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         base_path, adapter_dir = download_version(name, version, Path(tmp))
         tokenizer = load_tokenizer(adapter_dir, padding_side="left")
-        config = AutoConfig.from_pretrained(base_path)
-        context = int(getattr(config, "max_position_embeddings", 2048))
+        architecture = AutoConfig.from_pretrained(base_path)
+        context = int(getattr(architecture, "max_position_embeddings", 2048))
         engine, fallback = config.serve.engine, None
         if engine.name == "openvino":
             try:
