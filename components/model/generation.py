@@ -154,12 +154,16 @@ class TokenLogProbs:
         self.criterion = Pick()
 
     def confidence(self, row: int, n_tokens: int) -> float | None:
-        """exp(mean log-probability) of the row's first `n_tokens` generated tokens."""
-        import math
+        """The confidence of the row's first `n_tokens` generated tokens."""
+        return confidence_of([float(step[row]) for step in self.steps[:n_tokens]])
 
-        values = [float(step[row]) for step in self.steps[:n_tokens]]
-        finite = [v for v in values if math.isfinite(v)]
-        return math.exp(sum(finite) / len(finite)) if finite else None
+
+def confidence_of(logprobs: Sequence[float]) -> float | None:
+    """exp(mean log-probability) of the chosen tokens, non-finite ones left out."""
+    import math
+
+    finite = [v for v in logprobs if math.isfinite(v)]
+    return math.exp(sum(finite) / len(finite)) if finite else None
 
 
 def generate_requests(

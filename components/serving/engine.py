@@ -23,6 +23,7 @@ from components.model.generation import (
     MIN_SAMPLING_TEMPERATURE,
     Generation,
     GenerationRequest,
+    confidence_of,
     generate_requests,
     stream_request,
     truncate_at_stop,
@@ -206,14 +207,13 @@ class OpenVINOEngine:
             ids += [t for t, _ in tokens]
             logprobs += [p for _, p in tokens]
         text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        finite = [p for p in logprobs if math.isfinite(p)]
         return Generation(
             text=truncate_at_stop(text, job.request.stop),
             prompt_tokens=len(
                 self.tokenizer(job.request.prompt, add_special_tokens=False)["input_ids"]
             ),
             completion_tokens=len(ids),
-            confidence=math.exp(sum(finite) / len(finite)) if finite else None,
+            confidence=confidence_of(logprobs),
         )
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:

@@ -125,15 +125,15 @@ def load_model_version(name: str, version: str, config: PipelineConfig) -> Loade
         tokenizer = load_tokenizer(adapter_dir, padding_side="left")
         architecture = AutoConfig.from_pretrained(base_path)
         context = int(getattr(architecture, "max_position_embeddings", 2048))
-        engine, fallback = config.serve.engine, None
-        if engine.name == "openvino":
+        loaded, fallback = None, None
+        if config.serve.engine.name == "openvino":
             try:
                 served, quality = openvino_engine(cache, base_path, adapter_dir, tokenizer, config)
                 loaded = LoadedModel(name, version, served, tokenizer, context, quality=quality)
             except Exception as exc:
                 fallback = f"cannot serve version {version} on OpenVINO: {exc}"
                 log.warning("%s; serving it on transformers", fallback)
-        if engine.name != "openvino" or fallback:
+        if loaded is None:
             reference = transformers_engine(base_path, adapter_dir)
             loaded = LoadedModel(name, version, reference, tokenizer, context, fallback)
     record_engine(loaded)
