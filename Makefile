@@ -23,7 +23,7 @@ export HYPOTHESIS_STORAGE_DIRECTORY ?= $(FLYWHEEL_HOME)/hypothesis
 # A fresh Prefect database takes a while to create on a small machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: help setup engine-setup labelstudio-setup browser monitoring-tools labelstudio test test-fast lint format train demo \
+.PHONY: help setup engine-setup labelstudio-setup browser monitoring-tools redis labelstudio test test-fast lint format train demo \
 	monitor annotation-sync serve bento benchmark monitoring lock clean
 
 help:
@@ -94,10 +94,19 @@ monitoring-tools:
 	       exit 1; }; \
 	fi
 
+# The response-cache tests run a real Redis server (Debian package).
+redis:
+	@if ! command -v redis-server >/dev/null; then \
+	  echo "installing redis-server (apt) for the response-cache tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends redis-server >/dev/null; } \
+	  || { echo "could not install redis-server; install it (Debian: redis-server)" >&2; exit 1; }; \
+	fi
+
 labelstudio: setup labelstudio-setup
 	$(PY) -m scripts.label_studio_server --port $(LABEL_STUDIO_PORT)
 
-test: setup engine-setup labelstudio-setup browser monitoring-tools
+test: setup engine-setup labelstudio-setup browser monitoring-tools redis
 	mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest $(PYTEST_ARGS)
 

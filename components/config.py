@@ -172,10 +172,24 @@ class EngineConfig(StrictModel):
     max_batched_tokens: int = Field(default=2048, gt=0)  # per scheduler step, prompts included
 
 
+class ResponseCacheConfig(StrictModel):
+    """Answers to deterministic (greedy) requests, reused for the same request to the same
+    model version. `memory` is per generator process; `redis` is shared and outlives restarts
+    (`redis_url`, or the `FLYWHEEL_REDIS_URL` environment variable)."""
+
+    enabled: bool = True
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    max_entries: int = Field(default=10_000, gt=0)  # memory backend
+    ttl_s: int = Field(default=86_400, gt=0)  # redis backend
+    timeout_s: float = Field(default=0.2, gt=0)  # a slow or absent server is a miss after this
+
+
 class ServeConfig(StrictModel):
     """How the BentoML service serves the champion."""
 
     engine: EngineConfig = EngineConfig()
+    cache: ResponseCacheConfig = ResponseCacheConfig()
     port: int = Field(default=3000, gt=0, lt=65536)
     batching: bool = True
     max_batch_size: int = Field(default=16, gt=0)

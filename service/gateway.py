@@ -40,6 +40,7 @@ from components.serving.api import (
     FeedbackResponse,
     GenerateRequest,
     GenerateResponse,
+    OpenAIBody,
     ReloadRequest,
     chat_chunk,
     chat_completion,
@@ -49,6 +50,7 @@ from components.serving.api import (
     model_card,
     sse,
     text_completion,
+    usage_chunk,
     wire,
 )
 from components.serving.auth import admin_key, api_key
@@ -63,6 +65,7 @@ from components.text import scrub_pii
 
 log = logging.getLogger("flywheel.service")
 MEMORY_HEADER = "x-flywheel-memory"  # hit, miss or off on every generation response
+CACHE_HEADER = "x-flywheel-cache"  # hit, miss, error or off: what the response cache did
 RETRY_AFTER_S = 2  # what 429 and 503 answers ask clients to wait
 ENDPOINTS = {
     "/generate": "generate",
@@ -296,6 +299,7 @@ class Metrics:
     client_errors: Any
     memory_lookups: Any
     memory_entries: Any
+    response_cache: Any
 
 
 @functools.cache
@@ -346,6 +350,12 @@ def flywheel_metrics() -> Metrics:
             documentation="Corrections the memory serves under its trust policy",
             multiprocess_mode="livemax",
         ),
+        response_cache=bentoml.metrics.Counter(
+            name="flywheel_response_cache_lookups",
+            documentation="Model generations by what the response cache did: hit, miss, "
+            "error (unreachable: generated without it), off (sampling, or the cache disabled)",
+            labelnames=["result"],
+        ),
     )
 
 
@@ -377,6 +387,10 @@ def _raise_for(out: GenerationOutput, param: str | None = None) -> None:
         code = out.error_code or "invalid_request_error"
         field = (param or out.error_param) if out.error_status < 500 else None
         raise ApiError(out.error_status, out.error, param=field, code=code)
+
+
+def _answer_headers(memory: str, cache: str) -> dict[str, str]:
+    return {MEMORY_HEADER: memory, CACHE_HEADER: cache}
 
 
 class Gateway:
@@ -455,10 +469,10 @@ class Gateway:
         results = await with_connection_retry(
             lambda: self.generator.to_async.generate(inputs=[item])
         )
-        out = results[0]
-        out = _as_output(out)
+        out = _as_output(results[0])
         _raise_for(out, param)
         self.set_version(out.model_version)
+        self.metrics.response_cache.labels(out.cache).inc()
         return out
 
     async def _recall(self, question: str, use_memory: bool) -> tuple[str, Recall | None]:
@@ -548,7 +562,7 @@ class Gateway:
             completion_tokens=out.completion_tokens,
             latency_ms=latency,
         )
-        return JSONResponse(reply.model_dump(), headers={MEMORY_HEADER: status})
+        return JSONResponse(reply.model_dump(), headers=_answer_headers(status, out.cache))
 
     async def chat_completions(
         self, req: ChatCompletionRequest, use_memory: bool = True
@@ -571,7 +585,7 @@ class Gateway:
         users = [m["content"] for m in messages if m["role"] == "user"]
         question = users[-1] if users else prompt
         return await self._complete(
-            "chat", item, prompt, question, request_id, started, limit, req.stream, use_memory
+            "chat", item, prompt, question, request_id, started, limit, req, use_memory
         )
 
     async def completions(
@@ -597,7 +611,7 @@ class Gateway:
             request_id,
             started,
             limit,
-            req.stream,
+            req,
             use_memory,
         )
 
@@ -610,14 +624,14 @@ class Gateway:
         request_id: str,
         started: float,
         limit: int,
-        stream: bool,
+        req: OpenAIBody,
         use_memory: bool,
     ) -> JSONResponse | StreamingResponse:
         """An OpenAI completion (chat or text), from the memory or the model, whole or streamed."""
-        if stream:
+        if req.stream:
             status, recall = await self._recall(question, use_memory)
             return await self._stream(
-                kind, item, prompt, request_id, started, limit, status, recall
+                kind, item, prompt, request_id, started, limit, status, recall, req.include_usage
             )
         out, status, recall = await self._answer(item, question, use_memory)
         self._record(kind, prompt, out, started, request_id, recall)
@@ -627,7 +641,7 @@ class Gateway:
         )
         if recall is not None:  # a correction is a whole answer, whatever its length
             reply.choices[0].finish_reason = "stop"
-        return JSONResponse(wire(reply), headers={MEMORY_HEADER: status})
+        return JSONResponse(wire(reply), headers=_answer_headers(status, out.cache))
 
     async def _stream_outputs(self, item: GenerationInput) -> AsyncIterator[GenerationOutput]:
         buffer = ""
@@ -659,12 +673,15 @@ class Gateway:
         limit: int,
         memory_status: str,
         recall: Recall | None,
+        include_usage: bool,
     ) -> StreamingResponse:
         outputs = self._memory_outputs(item, recall) if recall else self._stream_outputs(item)
         first = await anext(outputs)
         _raise_for(first)  # fail before any byte is sent, as a normal 4xx
         self.metrics.time_to_first_token.labels(kind).observe(time.perf_counter() - started)
         self.set_version(first.model_version)
+        if recall is None:
+            self.metrics.response_cache.labels(first.cache).inc()
         created = int(time.time())
 
         def event(text: str, finish: Any = None, role: bool = False) -> str:
@@ -691,6 +708,9 @@ class Gateway:
                 last = out
             finish = "stop" if recall else finish_reason(last.completion_tokens, limit)
             yield event("", finish=finish)
+            if include_usage:
+                counts = (last.prompt_tokens, last.completion_tokens)
+                yield sse(usage_chunk(kind, request_id, self.model_name, created, *counts))
             yield sse("[DONE]")
             final = GenerationOutput(
                 text=text,
@@ -700,7 +720,7 @@ class Gateway:
             )
             self._record(kind, prompt, final, started, request_id, recall)
 
-        headers = {"x-request-id": request_id, MEMORY_HEADER: memory_status}
+        headers = {"x-request-id": request_id, **_answer_headers(memory_status, first.cache)}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     def models(self) -> dict[str, Any]:

@@ -358,6 +358,27 @@ def test_streaming_route_in_process(client_for) -> None:
     chunks = [json.loads(e) for e in events[:-1]]
     # The tiny random model never says end-of-turn within 3 tokens: it stops at the limit.
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all("usage" not in c for c in chunks)  # only when asked for
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"prompt": "Flywheel"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Flywheel"}]}),
+    ],
+)
+def test_a_stream_ends_with_its_usage_when_asked(client_for, path, body) -> None:
+    client = client_for()
+    options = {"stream": True, "max_tokens": 3, "stream_options": {"include_usage": True}}
+    response = client.post(path, json={**body, **options})
+    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    *answer, usage = [json.loads(e) for e in events[:-1]]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+    assert usage["usage"]["prompt_tokens"] > 0
+    assert usage["usage"]["total_tokens"] == 3 + usage["usage"]["prompt_tokens"]
+    assert answer[-1]["choices"][0]["finish_reason"] == "length"
 
 
 class UnreachableGenerator:

@@ -56,9 +56,15 @@ class GenerationRequest:
 MIN_SAMPLING_TEMPERATURE = 1e-3
 
 
+def is_greedy(temperature: float, top_p: float) -> bool:
+    """Whether these settings decode greedily: at temperature ~0, or when sampling would keep
+    only the most likely token anyway (top_p 0). Greedy answers are deterministic."""
+    return temperature < MIN_SAMPLING_TEMPERATURE or top_p <= 0
+
+
 def sampling_args(temperature: float, top_p: float) -> dict[str, Any]:
-    """`generate` keyword arguments for the decoding settings (greedy at temperature ~0)."""
-    if temperature < MIN_SAMPLING_TEMPERATURE:
+    """`generate` keyword arguments for the decoding settings (greedy when `is_greedy`)."""
+    if is_greedy(temperature, top_p):
         return {"do_sample": False}
     # remove_invalid_values: a guard that turns any inf/NaN logit into a finite one, so a
     # numerical edge never reaches the sampler as NaN probabilities.

@@ -111,6 +111,12 @@ class ChatMessage(Body):
     content: str
 
 
+class StreamOptions(Body):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    include_usage: bool = False  # a last chunk, before [DONE], with the token counts
+
+
 class OpenAIBody(SamplingFields):
     # Ignore the OpenAI parameters we do not implement (penalties, logit_bias, ...), as
     # OpenAI-compatible servers commonly do, rather than failing every such client.
@@ -118,7 +124,12 @@ class OpenAIBody(SamplingFields):
 
     model: str | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: Literal[1] = 1
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class ChatCompletionRequest(OpenAIBody):
@@ -223,6 +234,30 @@ def completion_chunk(
     )
     return Completion(
         id=request_id, object="text_completion", created=created, model=model, choices=[choice]
+    )
+
+
+def usage_chunk(
+    kind: str, request_id: str, model: str, created: int, prompt_tokens: int, completion_tokens: int
+) -> BaseModel:
+    """A stream's last chunk under `stream_options.include_usage`: no choices, the usage."""
+    usage = _usage(prompt_tokens, completion_tokens)
+    if kind == "chat":
+        return ChatCompletionChunk(
+            id=request_id,
+            object="chat.completion.chunk",
+            created=created,
+            model=model,
+            choices=[],
+            usage=usage,
+        )
+    return Completion(
+        id=request_id,
+        object="text_completion",
+        created=created,
+        model=model,
+        choices=[],
+        usage=usage,
     )
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from components.model.generation import (
-    MIN_SAMPLING_TEMPERATURE,
     Generation,
     GenerationRequest,
     confidence_of,
     generate_requests,
+    is_greedy,
     stream_request,
     truncate_at_stop,
 )
@@ -34,6 +34,7 @@ log = logging.getLogger("flywheel.engine")
 
 class Engine(Protocol):
     name: str
+    runtime: str  # what makes the answers (engine and weights): part of the cache key
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]: ...
 
@@ -50,6 +51,7 @@ class TransformersEngine:
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.runtime = f"transformers-{str(model.dtype).removeprefix('torch.')}"
         self.compute = threading.Lock()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
@@ -100,6 +102,7 @@ class OpenVINOEngine:
             str(model_dir), scheduler, "CPU", properties
         )
         self.model_dir, self.tokenizer = model_dir, tokenizer
+        self.runtime = model_dir.name  # openvino-<weights>
         self._ov = ov_genai
         self._arrivals: queue.Queue[_Job | None] = queue.Queue()
         self._next_id = 0
@@ -114,8 +117,7 @@ class OpenVINOEngine:
         config = self._ov.GenerationConfig()
         config.max_new_tokens = request.max_new_tokens
         config.logprobs = 1  # the chosen token's log-probability, for the answer's confidence
-        # Greedy where sampling would keep only the top token anyway (top_p 0).
-        if request.temperature >= MIN_SAMPLING_TEMPERATURE and request.top_p > 0:
+        if not is_greedy(request.temperature, request.top_p):
             config.do_sample = True
             config.temperature = request.temperature
             config.top_p = request.top_p

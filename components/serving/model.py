@@ -18,8 +18,9 @@ from pydantic import BaseModel
 
 from components.config import PipelineConfig, ServeConfig, load_profile
 from components.model.chat import render_chat
-from components.model.generation import GenerationRequest
+from components.model.generation import Generation, GenerationRequest
 from components.paths import flywheel_home
+from components.serving.cache import CachedAnswer, Lookup, ResponseCache, cacheable
 from components.serving.engine import Engine
 
 log = logging.getLogger("flywheel.generator")
@@ -63,6 +64,7 @@ class GenerationOutput(BaseModel):
     error_param: str | None = None
     error_code: str | None = None
     error_status: int = 400  # the HTTP status the gateway answers the error with
+    cache: Lookup = "off"  # what the response cache did: hit, miss, error (unreachable), off
 
 
 def _failed(message: str, code: str, status: int = 400) -> GenerationOutput:
@@ -207,6 +209,9 @@ class ServedModel:
         self.config = config or serving_profile()
         self._current: LoadedModel | None = None
         self.error: str | None = None
+        self.cache = ResponseCache.from_config(
+            self.config.serve.cache, self.config.registry.model_name
+        )
 
     @classmethod
     def from_uri(
@@ -270,7 +275,7 @@ class ServedModel:
             loaded = self.current
         except ModelNotReady as exc:
             return [_failed(f"the model is not ready: {exc}", "model_not_ready", 503)] * len(inputs)
-        return run_inputs(loaded, inputs)
+        return run_inputs(loaded, inputs, self.cache)
 
     def count_tokens(self, item: GenerationInput, answer: str) -> GenerationOutput:
         """`answer` (given by the correction memory) as an output with this model's token counts."""
@@ -305,7 +310,18 @@ class ServedModel:
             yield checked
             return
         prompt, n_prompt = checked
-        pieces = loaded.engine.stream(_request(prompt, item))
+        request = _request(prompt, item)
+        lookup, cached = cached_answer(self.cache, loaded, request)
+        if cached is not None:  # the whole answer as one piece
+            yield GenerationOutput(text=cached.text, model_version=loaded.version, cache=lookup)
+            yield GenerationOutput(
+                prompt_tokens=cached.prompt_tokens,
+                completion_tokens=cached.completion_tokens,
+                model_version=loaded.version,
+                cache=lookup,
+            )
+            return
+        pieces = loaded.engine.stream(request)
         try:
             while True:
                 try:
@@ -313,7 +329,7 @@ class ServedModel:
                 except StopIteration as end:  # the generator returns the tokens it generated
                     completion = int(end.value)
                     break
-                yield GenerationOutput(text=piece, model_version=loaded.version)
+                yield GenerationOutput(text=piece, model_version=loaded.version, cache=lookup)
         except Exception as exc:
             log.warning("stream failed: %s", exc)
             yield _failed(str(exc), "generation_failed", 500)
@@ -321,7 +337,10 @@ class ServedModel:
         finally:
             pieces.close()
         yield GenerationOutput(
-            prompt_tokens=n_prompt, completion_tokens=completion, model_version=loaded.version
+            prompt_tokens=n_prompt,
+            completion_tokens=completion,
+            model_version=loaded.version,
+            cache=lookup,
         )
 
 
@@ -364,33 +383,55 @@ def check_input(loaded: LoadedModel, item: GenerationInput) -> tuple[str, int] |
     return prompt, n_tokens
 
 
+def cached_answer(
+    cache: ResponseCache | None, loaded: LoadedModel, request: GenerationRequest
+) -> tuple[Lookup, CachedAnswer | None]:
+    """What the response cache holds for `request` on the loaded version ("off" when the
+    cache is disabled or the request samples)."""
+    if cache is None or not cacheable(request):
+        return "off", None
+    return cache.get(cache.key(loaded.version, loaded.engine.runtime, request))
+
+
+def _output(
+    loaded: LoadedModel, answer: Generation | CachedAnswer, lookup: Lookup
+) -> GenerationOutput:
+    return GenerationOutput(
+        text=answer.text,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        confidence=answer.confidence,
+        model_version=loaded.version,
+        cache=lookup,
+    )
+
+
 def _outputs(loaded: LoadedModel, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-    results = loaded.engine.generate(requests)
-    return [
-        GenerationOutput(
-            text=r.text,
-            prompt_tokens=r.prompt_tokens,
-            completion_tokens=r.completion_tokens,
-            confidence=r.confidence,
-            model_version=loaded.version,
-        )
-        for r in results
-    ]
+    return [_output(loaded, r, "off") for r in loaded.engine.generate(requests)]
 
 
-def run_inputs(loaded: LoadedModel, inputs: list[GenerationInput]) -> list[GenerationOutput]:
-    """Generate for every valid input in batched calls; invalid ones get an error output.
+def run_inputs(
+    loaded: LoadedModel, inputs: list[GenerationInput], cache: ResponseCache | None = None
+) -> list[GenerationOutput]:
+    """Generate for every valid input in batched calls; invalid ones get an error output, and
+    ones the response cache holds get its answer.
 
     If a batched call fails, its requests are retried one by one, so a request that breaks
     generation fails alone and the others in its batch still get their answers."""
     outputs: list[GenerationOutput | None] = [None] * len(inputs)
     valid: list[tuple[int, GenerationRequest]] = []
+    lookups: dict[int, Lookup] = {}
     for i, item in enumerate(inputs):
         checked = check_input(loaded, item)
         if isinstance(checked, GenerationOutput):
             outputs[i] = checked
+            continue
+        request = _request(checked[0], item)
+        lookups[i], cached = cached_answer(cache, loaded, request)
+        if cached is not None:
+            outputs[i] = _output(loaded, cached, "hit")
         else:
-            valid.append((i, _request(checked[0], item)))
+            valid.append((i, request))
     if not valid:
         return [o for o in outputs if o is not None]
     try:
@@ -403,6 +444,11 @@ def run_inputs(loaded: LoadedModel, inputs: list[GenerationInput]) -> list[Gener
                 results.extend(_outputs(loaded, [request]))
             except Exception as exc:
                 results.append(_failed(f"generation failed: {exc}", "generation_failed", 500))
-    for (i, _), output in zip(valid, results, strict=True):
-        outputs[i] = output
+    for (i, request), output in zip(valid, results, strict=True):
+        outputs[i] = output.model_copy(update={"cache": lookups[i]})
+        if cache is not None and lookups[i] == "miss" and output.error is None:
+            answer = CachedAnswer(
+                output.text, output.prompt_tokens, output.completion_tokens, output.confidence
+            )
+            cache.put(cache.key(loaded.version, loaded.engine.runtime, request), answer)
     return [o for o in outputs if o is not None]
