@@ -23,7 +23,7 @@ export HYPOTHESIS_STORAGE_DIRECTORY ?= $(FLYWHEEL_HOME)/hypothesis
 # A fresh Prefect database takes a while to create on a small machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: help setup engine-setup labelstudio-setup browser monitoring-tools redis labelstudio test test-fast lint format train demo \
+.PHONY: help setup engine-setup labelstudio-setup browser monitoring-tools redis llamacpp labelstudio test test-fast lint format train demo \
 	monitor annotation-sync serve bento benchmark monitoring lock clean
 
 help:
@@ -39,6 +39,7 @@ help:
 	@echo "make serve   serve the champion of PROFILE=$(PROFILE) on port 3000 (bentoml serve)"
 	@echo "make bento   build a Bento of the service (for bentoml containerize)"
 	@echo "make benchmark  load test: the OpenVINO engine, the reference, the engine's ceiling"
+	@echo "make llamacpp   build llama.cpp's server (the benchmark compares against it; ~30 min)"
 	@echo "make monitoring  write the alert rules and dashboard from the profiles"
 	@echo "make lint    ruff + mypy"
 
@@ -93,6 +94,25 @@ monitoring-tools:
 	  || { echo "could not install prometheus; install prometheus and prometheus-alertmanager" >&2; \
 	       exit 1; }; \
 	fi
+
+# llama.cpp's server, for the benchmark's comparison row only: built from the llama.cpp source
+# that the llama-cpp-python source package carries (a registry download), statically linked.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_SERVER := .llamacpp/src/build/bin/llama-server
+$(LLAMA_SERVER):
+	mkdir -p .llamacpp
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+	  llama-cpp-python==$(LLAMA_CPP_PYTHON) -d .llamacpp
+	tar -xzf .llamacpp/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C .llamacpp
+	rm -rf .llamacpp/src
+	mv .llamacpp/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp .llamacpp/src
+	rm -rf .llamacpp/llama_cpp_python-$(LLAMA_CPP_PYTHON)*
+	cmake -S .llamacpp/src -B .llamacpp/src/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+	  -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
+	cmake --build .llamacpp/src/build --target llama-server -j "$$(nproc)"
+
+llamacpp: setup $(LLAMA_SERVER)
 
 # The response-cache tests run a real Redis server (Debian package).
 redis:

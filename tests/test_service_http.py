@@ -80,6 +80,22 @@ def test_stream_ends_with_done(served) -> None:
     assert all(line.startswith("data: ") for line in lines)
 
 
+def test_the_load_benchmark_measures_whole_answers_streams_and_cache_hits(served) -> None:
+    """The benchmark's clients against the real service: tokens from the usage chunk, time
+    to first token for streams, and the cache's hit rate from /metrics."""
+    from benchmarks.serve_load import generate_call, openai_call, served_load
+
+    prompts = ["Flywheel", "Flywheel is"]  # the tiny model answers chats with special tokens only
+    whole = served_load(served.url, generate_call(served.url, 8), prompts, 2, 3.0)
+    assert whole["requests"] > 2 and whole["errors"] == 0
+    assert whole["tokens_per_s"] > 0 and whole["cache_hit_rate"] > 0  # the prompts repeat
+    streams = served_load(
+        served.url, openai_call(served.url, 8, stream=True, chat=False), prompts, 2, 3.0
+    )
+    assert streams["requests"] > 0 and streams["errors"] == 0
+    assert streams["tokens_per_s"] > 0 and 0 < streams["ttft_p50_s"] <= streams["p50_s"]
+
+
 def test_concurrent_requests_are_batched(served) -> None:
     before_sum = metric(served.url, "bentoml_service_adaptive_batch_size_sum")
     before_count = metric(served.url, "bentoml_service_adaptive_batch_size_count")
