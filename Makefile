@@ -111,6 +111,8 @@ $(LLAMA_SERVER):
 	  -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
 	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
 	cmake --build .llamacpp/src/build --target llama-server -j "$$(nproc)"
+	$(PY) -m pip install --quiet --disable-pip-version-check --target .llamacpp/py \
+	  sentencepiece==0.2.1  # imported by its GGUF converter
 
 llamacpp: setup $(LLAMA_SERVER)
 

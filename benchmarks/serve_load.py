@@ -231,7 +231,8 @@ def engine_ceiling(
 
 def llama_server(profile: str, port: int, slots: int, folder: Path) -> Server | None:
     """llama.cpp's server on the champion merged and converted to GGUF Q8_0 (cached beside
-    the OpenVINO weights), with `slots` parallel sequences; None when it is not built."""
+    the OpenVINO weights), with `slots` parallel sequences; None when it is not built or
+    the champion does not convert."""
     binary = LLAMA_CPP / "src" / "build" / "bin" / "llama-server"
     if not binary.is_file():
         print(f"llama.cpp: no {binary} (`make llamacpp` builds it); its row is left out")
@@ -251,9 +252,13 @@ def llama_server(profile: str, port: int, slots: int, folder: Path) -> Server | 
             model.save_pretrained(merged)
             tokenizer.save_pretrained(merged)
             script = LLAMA_CPP / "src" / "convert_hf_to_gguf.py"
-            env = {**os.environ, "PYTHONPATH": str(LLAMA_CPP / "src" / "gguf-py")}
+            paths = [LLAMA_CPP / "src" / "gguf-py", LLAMA_CPP / "py"]  # its gguf, sentencepiece
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, paths))}
             command = [sys.executable, str(script), str(merged), "--outtype", "q8_0"]
-            subprocess.run([*command, "--outfile", str(gguf)], check=True, env=env)
+            converted = subprocess.run([*command, "--outfile", str(gguf)], env=env)
+            if converted.returncode != 0:
+                print("llama.cpp: the GGUF conversion failed (above); its row is left out")
+                return None
     command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     # Each of the `slots` sequences gets 512 tokens of context (prompt and answer).
     command += ["-np", str(slots), "-c", str(512 * slots), "-t", str(os.cpu_count() or 2)]
