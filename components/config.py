@@ -185,11 +185,23 @@ class ResponseCacheConfig(StrictModel):
     timeout_s: float = Field(default=0.2, gt=0)  # a slow or absent server is a miss after this
 
 
+class TracingConfig(StrictModel):
+    """OpenTelemetry traces of each request through the gateway, the generator and its batch,
+    exported over OTLP/HTTP to `endpoint` (default: the standard
+    `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else a collector on localhost:4318). Off by default;
+    every answer carries its trace id (`x-trace-id`, and in the inference log) either way."""
+
+    enabled: bool = False
+    endpoint: str | None = None  # e.g. http://collector:4318/v1/traces
+    sample_rate: float = Field(default=1.0, ge=0, le=1)  # of requests that start a trace
+
+
 class ServeConfig(StrictModel):
     """How the BentoML service serves the champion."""
 
     engine: EngineConfig = EngineConfig()
     cache: ResponseCacheConfig = ResponseCacheConfig()
+    tracing: TracingConfig = TracingConfig()
     port: int = Field(default=3000, gt=0, lt=65536)
     batching: bool = True
     max_batch_size: int = Field(default=16, gt=0)

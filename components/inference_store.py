@@ -48,6 +48,7 @@ class InferenceRecord:
     latency_ms: float
     confidence: float | None = None
     memory_entry: str | None = None  # the correction-memory entry that answered, if one did
+    trace_id: str | None = None  # the request's OpenTelemetry trace (32 hex digits)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ def _tables(metadata: Any) -> tuple[Any, Any]:
         Column("latency_ms", Float, nullable=False),
         Column("confidence", Float),
         Column("memory_entry", String(40)),
+        Column("trace_id", String(32)),
     )
     feedback = Table(
         "feedback",

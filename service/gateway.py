@@ -62,6 +62,7 @@ from components.serving.model import (
     resolve_model_uri,
 )
 from components.text import scrub_pii
+from service.tracing import TRACE_HEADER, current_trace_id, tracer
 
 log = logging.getLogger("flywheel.service")
 MEMORY_HEADER = "x-flywheel-memory"  # hit, miss or off on every generation response
@@ -114,10 +115,10 @@ def drain_on_sigterm() -> None:
 class ServiceEdge:
     """ASGI middleware over every route, BentoML's own included.
 
-    Every response carries `x-model-version`; 429 and 503 carry `Retry-After`; an error answer
-    that is not JSON (a 404 or 405 from the router, for one) is rewritten as an OpenAI error;
-    past `max_concurrency` requests in flight a request gets 429 at once; while draining, new
-    requests get 503. Health and metrics routes are never refused.
+    Every response carries `x-model-version` and `x-trace-id`; 429 and 503 carry
+    `Retry-After`; an error answer that is not JSON (a 404 or 405 from the router, for one) is
+    rewritten as an OpenAI error; past `max_concurrency` requests in flight a request gets 429
+    at once; while draining, new requests get 503. Health and metrics routes are never refused.
     """
 
     OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
@@ -154,7 +155,7 @@ class ServiceEdge:
                 if status >= 400 and b"json" not in content_type:
                     held.update(status=status, headers=headers, body=b"")  # re-sent as JSON
                     return
-                message = {**message, "headers": _version_headers(headers, status)}
+                message = {**message, "headers": _edge_headers(headers, status)}
             elif message["type"] == "http.response.body" and held:
                 held["body"] += message.get("body", b"")
                 if not message.get("more_body"):
@@ -167,9 +168,12 @@ class ServiceEdge:
         await self.app(scope, receive, send_wrapped)
 
 
-def _version_headers(headers: list[tuple[bytes, bytes]], status: int) -> list[tuple[bytes, bytes]]:
-    kept = [(k, v) for k, v in headers if k.lower() != b"x-model-version"]
+def _edge_headers(headers: list[tuple[bytes, bytes]], status: int) -> list[tuple[bytes, bytes]]:
+    ours = {b"x-model-version", TRACE_HEADER.encode()}
+    kept = [(k, v) for k, v in headers if k.lower() not in ours]
     kept.append((b"x-model-version", CurrentVersion.value.encode() or b"none"))
+    if trace_id := current_trace_id():
+        kept.append((TRACE_HEADER.encode(), trace_id.encode()))
     if status in (429, 503) and not any(k.lower() == b"retry-after" for k, _ in kept):
         kept.append((b"retry-after", str(RETRY_AFTER_S).encode()))
     return kept
@@ -184,7 +188,7 @@ async def _send_json(
     kept = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-length")]
     kept += [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     start = {"type": "http.response.start", "status": status}
-    await send({**start, "headers": _version_headers(kept, status)})
+    await send({**start, "headers": _edge_headers(kept, status)})
     await send({"type": "http.response.body", "body": data})
 
 
@@ -491,12 +495,16 @@ class Gateway:
         self, item: GenerationInput, question: str, use_memory: bool, param: str | None = None
     ) -> tuple[GenerationOutput, str, Recall | None]:
         """The memory's correction if one matches, else the model's answer."""
-        status, recall = await self._recall(question, use_memory)
-        if recall is None:
-            return await self._generate(item, param), status, None
-        out = await self._counted(item, recall.entry.answer)
-        _raise_for(out, param)
-        return out, status, recall
+        with tracer().start_as_current_span("flywheel.answer") as span:
+            status, recall = await self._recall(question, use_memory)
+            span.set_attribute("flywheel.memory", status)
+            if recall is None:
+                out = await self._generate(item, param)
+            else:
+                out = await self._counted(item, recall.entry.answer)
+                _raise_for(out, param)
+            span.set_attribute("flywheel.cache", out.cache)
+            return out, status, recall
 
     async def _counted(self, item: GenerationInput, answer: str) -> GenerationOutput:
         """A remembered answer as an output, with the served model's token counts."""
@@ -533,6 +541,7 @@ class Gateway:
                 latency_ms=latency_ms,
                 confidence=out.confidence,
                 memory_entry=recall.entry.id if recall else None,
+                trace_id=current_trace_id(),
             )
         )
         self.metrics.generated_tokens.labels(out.model_version, endpoint).inc(out.completion_tokens)

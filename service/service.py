@@ -42,12 +42,15 @@ from service.gateway import (
     json_bodies_only,
     playground_html,
 )
+from service.tracing import tracer, tracing_options
 
 PROFILE = serving_profile()  # the decorators below need the limits when the class is defined
 SETTINGS = PROFILE.serve
 # Latency buckets 40% apart from 50 ms to 5 min: BentoML's default jumps from 10 s to 30 s,
 # where most LLM requests fall, and the monitor's quantiles interpolate inside a bucket.
 LATENCY_BUCKETS = {"min": 0.05, "max": 300.0, "factor": 1.4}
+# OTLP export when the profile's `serve.tracing` is on (see service/tracing.py).
+TRACING = tracing_options(SETTINGS.tracing)
 
 
 # The reference runs one model call at a time; on the engine every request waits in its own
@@ -67,6 +70,7 @@ KEEP_SESSION = {"max_requests": 2**31 - 1, "max_age": 10.0**9}
     threads=ENGINE_THREADS,
     traffic={"timeout": SETTINGS.request_timeout_s},
     runner_connection=KEEP_SESSION,
+    tracing=TRACING,
 )
 class Generator:
     """The model: batched generation, streaming, and hot swap to another version."""
@@ -88,7 +92,9 @@ class Generator:
         max_latency_ms=SETTINGS.max_latency_ms,
     )
     def generate(self, inputs: list[GenerationInput]) -> list[GenerationOutput]:
-        return self.served.generate(inputs)
+        with tracer().start_as_current_span("flywheel.batch") as span:
+            span.set_attribute("flywheel.batch_size", len(inputs))
+            return self.served.generate(inputs)
 
     @bentoml.api
     async def stream(self, item: GenerationInput) -> AsyncGenerator[str, None]:
@@ -127,6 +133,7 @@ MemoryChoice = Annotated[Literal["on", "off"] | None, Header(alias="x-flywheel-m
     name="flywheel",
     traffic={"timeout": SETTINGS.request_timeout_s},
     metrics={"enabled": True, "duration": LATENCY_BUCKETS},
+    tracing=TRACING,
 )
 @bentoml.asgi_app(app, path="/")
 class Flywheel:

@@ -182,6 +182,7 @@ class ServedService:
         from components.process import Server
         from components.serving.deploy import serve_command
 
+        self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = home / "service.log"

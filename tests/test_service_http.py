@@ -267,6 +267,21 @@ def test_every_response_carries_the_model_version(served, path) -> None:
     assert response.headers["x-model-version"] == "1"
 
 
+def test_every_answer_carries_its_trace_id_with_tracing_off(served) -> None:
+    """Nothing is exported by default, but the id that would follow the answer is still
+    answered and logged, so feedback on it can be traced once tracing is on."""
+    from components.inference_store import InferenceStore
+
+    answer = httpx.post(f"{served.url}/generate", json={"prompt": "hi", "max_new_tokens": 2})
+    trace_id = answer.headers["x-trace-id"]
+    assert len(trace_id) == 32 and int(trace_id, 16)
+    other = httpx.post(f"{served.url}/generate", json={"prompt": "hi", "max_new_tokens": 2})
+    assert other.headers["x-trace-id"] != trace_id
+    with InferenceStore(f"sqlite:///{served.home / 'feedback.db'}") as logged:
+        record = logged.get(answer.json()["request_id"])
+    assert record is not None and record.trace_id == trace_id
+
+
 def test_playground_page_is_served(served) -> None:
     page = httpx.get(served.url).text
     assert "Flywheel playground" in page and "/v1/chat/completions" in page
