@@ -23,7 +23,7 @@ export HYPOTHESIS_STORAGE_DIRECTORY ?= $(FLYWHEEL_HOME)/hypothesis
 # A fresh Prefect database takes a while to create on a small machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: help setup engine-setup labelstudio-setup browser monitoring-tools redis llamacpp labelstudio test test-fast lint format train demo \
+.PHONY: help setup engine-setup labelstudio-setup browser monitoring-tools redis ops-tools llamacpp labelstudio test test-fast lint format train demo \
 	monitor annotation-sync serve bento benchmark monitoring lock clean
 
 help:
@@ -125,10 +125,24 @@ redis:
 	  || { echo "could not install redis-server; install it (Debian: redis-server)" >&2; exit 1; }; \
 	fi
 
+# The team-stack tests: docker-compose validates the compose file, kubectl renders the
+# kustomize overlays, PostgreSQL backs a real Prefect server and MLflow tracking server.
+ops-tools:
+	@missing=""; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v kubectl >/dev/null || missing="$$missing kubectl"; \
+	test -x /usr/lib/postgresql/15/bin/postgres || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt) for the team-stack tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $$missing >/dev/null; } \
+	  || { echo "could not install$$missing; install them (Debian packages)" >&2; exit 1; }; \
+	fi
+
 labelstudio: setup labelstudio-setup
 	$(PY) -m scripts.label_studio_server --port $(LABEL_STUDIO_PORT)
 
-test: setup engine-setup labelstudio-setup browser monitoring-tools redis
+test: setup engine-setup labelstudio-setup browser monitoring-tools redis ops-tools
 	mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest $(PYTEST_ARGS)
 

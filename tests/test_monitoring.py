@@ -17,6 +17,7 @@ from components.monitor.alerts import alerts
 from components.monitor.dashboard import dashboard
 from scripts.monitoring import DASHBOARD, MONITORING_DIR, RULES_DIR, dashboard_text, rules_text
 from tests.conftest import free_port
+from tests.test_team_stack import keda_query
 
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
@@ -71,7 +72,8 @@ def query(prometheus: str, expr: str) -> list:
 
 @pytest.mark.e2e
 def test_every_alert_and_panel_has_data_from_a_real_service(served, tmp_path: Path) -> None:
-    """No rule or panel is dead on arrival: each evaluates to data once traffic flowed."""
+    """No rule, panel or autoscaling trigger is dead on arrival: each evaluates to data once
+    traffic flowed."""
     from components.process import Server
 
     rules = tmp_path / "rules.yml"
@@ -127,6 +129,7 @@ def test_every_alert_and_panel_has_data_from_a_real_service(served, tmp_path: Pa
             for p in dashboard()["panels"]
             for t in p["targets"]
         }
+        queries["KEDA ScaledObject trigger"] = keda_query()
         empty = dict(queries)
         deadline = time.monotonic() + 90
         while empty and time.monotonic() < deadline:
