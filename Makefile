@@ -87,12 +87,13 @@ browser:
 # The monitoring tests run a real Prometheus and check rules with promtool and amtool.
 monitoring-tools:
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null \
-	    || ! command -v amtool >/dev/null; then \
-	  echo "installing prometheus and prometheus-alertmanager (apt) for the monitoring tests"; \
+	    || ! command -v amtool >/dev/null || ! command -v prometheus-pushgateway >/dev/null; then \
+	  echo "installing prometheus, its alertmanager and pushgateway (apt) for the monitoring tests"; \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends prometheus prometheus-alertmanager >/dev/null; } \
-	  || { echo "could not install prometheus; install prometheus and prometheus-alertmanager" >&2; \
-	       exit 1; }; \
+	      --no-install-recommends prometheus prometheus-alertmanager prometheus-pushgateway \
+	      >/dev/null; } \
+	  || { echo "could not install prometheus; install prometheus, prometheus-alertmanager and" \
+	       "prometheus-pushgateway" >&2; exit 1; }; \
 	fi
 
 # llama.cpp's server, for the benchmark's comparison row only: built from the llama.cpp source

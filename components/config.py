@@ -236,6 +236,8 @@ class MonitorConfig(StrictModel):
     # The memory lowers the thumbs-down rate by itself, so corrections it serves that the
     # champion was not trained on (accepted after it was registered) call for a retrain too.
     memory_corrections_to_retrain: int | None = Field(default=10, gt=0)
+    # Where the flows push retrain outcomes and decisions (FLYWHEEL_PUSHGATEWAY_URL overrides)
+    pushgateway_url: str | None = None
 
 
 class MemoryConfig(StrictModel):

@@ -27,6 +27,7 @@ from components.config import PipelineConfig, load_profile
 from components.data.curated import curate, curated_dir, summary, user_corrections
 from components.inference_store import InferenceStore
 from components.monitor.decision import RetrainDecision, Signals, assess, next_state
+from components.monitor.pushed import report_decision
 from components.monitor.scrape import Scrape, ScrapeError, scrape
 from components.monitor.state import MonitorState
 from components.paths import flywheel_home
@@ -293,6 +294,7 @@ def monitor(
     decision = assess(signals, state, config.monitor, retrain_running=running)
     next_state(state, signals, decision, config.monitor, acting=retrain != "off").save(path)
     publish(config, decision)
+    report_decision(config, decision.retrain)
     mlflow_run = log_to_mlflow(config, decision)
     print(decision.summary)
     outcome: dict[str, Any] = {

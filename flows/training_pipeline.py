@@ -22,6 +22,7 @@ from prefect import flow, task
 
 from components.config import PipelineConfig, SourceConfig, load_profile, profile_path
 from components.model.base_model import BaseModelRef, resolve_base_model
+from components.monitor.pushed import report_retrain
 from components.paths import flywheel_home, tracking_uri
 from components.registry.model_card import CardFacts
 from components.registry.register import LiveEvidence
@@ -76,7 +77,20 @@ def finetune_dir(config: PipelineConfig, data_hash: str, start: Start | None = N
     return flywheel_home() / "runs" / config.name / f"finetune-{key}"
 
 
-@flow(name="training-pipeline", log_prints=True)
+def _report_outcome(succeeded: bool):  # -> a Prefect state hook
+    def hook(flow: Any, flow_run: Any, state: Any) -> None:
+        report_retrain(load_profile(flow_run.parameters.get("profile", "tiny")), succeeded)
+
+    return hook
+
+
+@flow(
+    name="training-pipeline",
+    log_prints=True,
+    on_completion=[_report_outcome(True)],
+    on_failure=[_report_outcome(False)],
+    on_crashed=[_report_outcome(False)],
+)
 def training_pipeline(
     profile: str = "tiny",
     extra_sources: list[str] | None = None,

@@ -15,6 +15,7 @@ import yaml
 from components.config import PROFILES_DIR, load_profile
 from components.monitor.alerts import alerts
 from components.monitor.dashboard import dashboard
+from components.monitor.pushed import report_decision, report_retrain
 from scripts.monitoring import DASHBOARD, MONITORING_DIR, RULES_DIR, dashboard_text, rules_text
 from tests.conftest import free_port
 from tests.test_team_stack import keda_query
@@ -71,14 +72,16 @@ def query(prometheus: str, expr: str) -> list:
 
 
 @pytest.mark.e2e
-def test_every_alert_and_panel_has_data_from_a_real_service(served, tmp_path: Path) -> None:
+def test_every_alert_and_panel_has_data_from_a_real_service(
+    served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No rule, panel or autoscaling trigger is dead on arrival: each evaluates to data once
     traffic flowed."""
     from components.process import Server
 
     rules = tmp_path / "rules.yml"
     rules.write_text((RULES_DIR / "tiny.yml").read_text())
-    port = free_port()
+    port, push_port = free_port(), free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(rules)],
@@ -86,7 +89,12 @@ def test_every_alert_and_panel_has_data_from_a_real_service(served, tmp_path: Pa
             {
                 "job_name": "flywheel",
                 "static_configs": [{"targets": [f"127.0.0.1:{served.port}"]}],
-            }
+            },
+            {
+                "job_name": "flywheel-pushgateway",
+                "honor_labels": True,
+                "static_configs": [{"targets": [f"127.0.0.1:{push_port}"]}],
+            },
         ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -102,8 +110,19 @@ def test_every_alert_and_panel_has_data_from_a_real_service(served, tmp_path: Pa
         f"{prometheus}/-/ready",
         tmp_path / "prometheus.log",
     )
+    pushgateway = Server.start(
+        "pushgateway",
+        [tool("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{push_port}"],
+        f"http://127.0.0.1:{push_port}/-/ready",
+        tmp_path / "pushgateway.log",
+    )
     try:
         server.wait_ready(60)
+        pushgateway.wait_ready(60)
+        # what the flows push: a failed retrain, a monitor decision
+        monkeypatch.setenv("FLYWHEEL_PUSHGATEWAY_URL", f"127.0.0.1:{push_port}")
+        tiny = load_profile("tiny")
+        assert report_retrain(tiny, succeeded=False) and report_decision(tiny, retrain=True)
         for i in range(4):  # answers, a stream, both ratings
             answer = httpx.post(
                 f"{served.url}/generate",
@@ -150,3 +169,51 @@ def test_every_alert_and_panel_has_data_from_a_real_service(served, tmp_path: Pa
         assert version["model_name"] == "flywheel-llm-tiny"
     finally:
         server.stop()
+        pushgateway.stop()
+
+
+def test_an_unreachable_pushgateway_never_fails_a_flow(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_profile("tiny")
+    monkeypatch.delenv("FLYWHEEL_PUSHGATEWAY_URL", raising=False)
+    assert not report_retrain(config, succeeded=True)  # not configured: nothing to do
+    monkeypatch.setenv("FLYWHEEL_PUSHGATEWAY_URL", f"http://127.0.0.1:{free_port()}")
+    assert not report_retrain(config, succeeded=False)  # nothing listens: logged, not raised
+    assert not report_decision(config, retrain=True)
+
+
+@pytest.mark.e2e
+def test_a_failed_training_run_is_pushed_for_its_alert(
+    home: Path, prefect_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training pipeline's failure hook reports to a real Pushgateway."""
+    from components.process import Server
+    from flows.training_pipeline import training_pipeline
+
+    port = free_port()
+    pushgateway = Server.start(
+        "pushgateway",
+        [tool("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
+        f"http://127.0.0.1:{port}/-/ready",
+        tmp_path / "pushgateway.log",
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": ""}\n')  # nothing valid to train on
+    profile = yaml.safe_load((PROFILES_DIR / "tiny.yaml").read_text())
+    profile["data"]["sources"] = [{"path": str(bad)}]
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(profile))
+    monkeypatch.setenv("FLYWHEEL_PUSHGATEWAY_URL", f"127.0.0.1:{port}")
+    try:
+        pushgateway.wait_ready(60)
+        state = training_pipeline(profile=str(tmp_path / "broken.yaml"), return_state=True)
+        assert state.is_failed()
+        groups = httpx.get(f"http://127.0.0.1:{port}/api/v1/metrics", timeout=10).json()["data"]
+        pushed = {
+            name: group["labels"]["profile"]
+            for group in groups
+            for name in group
+            if name.startswith("flywheel_")
+        }
+        assert pushed["flywheel_retrain_last_failure_timestamp_seconds"] == "tiny"
+        assert "flywheel_retrain_last_success_timestamp_seconds" not in pushed
+    finally:
+        pushgateway.stop()

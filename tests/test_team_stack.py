@@ -27,6 +27,7 @@ STACK = {
     "mlflow",
     "service",
     "prometheus",
+    "pushgateway",
     "alertmanager",
     "grafana",
     "label-studio",
@@ -91,8 +92,8 @@ def test_compose_prometheus_config_checks_and_scrapes_the_service() -> None:
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     config = yaml.safe_load(prometheus.read_text())
-    [job] = config["scrape_configs"]
-    assert job["job_name"] == "flywheel" and job["static_configs"][0]["targets"] == ["service:3000"]
+    jobs = {j["job_name"]: j["static_configs"][0]["targets"] for j in config["scrape_configs"]}
+    assert jobs == {"flywheel": ["service:3000"], "flywheel-pushgateway": ["pushgateway:9091"]}
     for rules in config["rule_files"]:  # mounted from deployments/monitoring/rules
         assert (DEPLOYMENTS / "monitoring" / "rules" / Path(rules).name).is_file()
 

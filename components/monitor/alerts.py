@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from components.config import PipelineConfig
+from components.monitor.pushed import RETRAIN_FAILURE, RETRAIN_SUCCESS
 from components.monitor.scrape import GATEWAY, USER_ENDPOINTS
 
 JOB = "flywheel"  # the scrape job of deployments/monitoring/prometheus.yml
@@ -83,6 +84,8 @@ def alerts(config: PipelineConfig) -> list[Alert]:
     window = f"{int(m.interval_minutes)}m"
     feedback = ratings(window)
     slo = latency_slo_seconds(config)
+    profile = f'{{profile="{config.name}"}}'
+    failed = f"{RETRAIN_FAILURE}{profile}"
     return [
         Alert(
             "FlywheelServiceDown",
@@ -140,6 +143,15 @@ def alerts(config: PipelineConfig) -> list[Alert]:
             "0m",
             "info",
             "The served model version changed in the last 10 minutes.",
+        ),
+        Alert(  # pushed by the flows (components/monitor/pushed.py)
+            "FlywheelRetrainFailed",
+            failed,
+            # a failure after the last success, or with no success at all yet
+            f"> on(profile) ({RETRAIN_SUCCESS}{profile} or on(profile) {failed} * 0)",
+            "0m",
+            "warn",
+            f"The last training-pipeline run of {config.name} failed; the champion stays.",
         ),
     ]
 
