@@ -143,6 +143,23 @@ def prefect_server():
         yield
 
 
+def prefect_cli(env: dict[str, str], *args: str, timeout: int = 120) -> str:
+    """Run `prefect *args` at the repository root with `env`; fail with its output."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
 def free_port() -> int:
     import socket
 

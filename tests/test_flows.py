@@ -1,9 +1,12 @@
+import functools
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import prefect_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,17 +160,7 @@ def test_deployment_runs_on_a_flywheel_worker(home, prefect_server) -> None:
 
     env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
 
-    def prefect(*args: str, timeout: int = 120) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "prefect", *args],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        return done.stdout
+    prefect = functools.partial(prefect_cli, env)
 
     prefect("work-pool", "create", "flywheel", "--type", "process", "--overwrite")
     prefect("--no-prompt", "deploy", "--all")

@@ -119,9 +119,10 @@ def test_every_alert_and_panel_has_data_from_a_real_service(
     try:
         server.wait_ready(60)
         pushgateway.wait_ready(60)
-        # what the flows push: a failed retrain, a monitor decision
+        # what the flows push: a retrain that succeeded, a later one that failed, a decision
         monkeypatch.setenv("FLYWHEEL_PUSHGATEWAY_URL", f"127.0.0.1:{push_port}")
         tiny = load_profile("tiny")
+        assert report_retrain(tiny, succeeded=True)
         assert report_retrain(tiny, succeeded=False) and report_decision(tiny, retrain=True)
         for i in range(4):  # answers, a stream, both ratings
             answer = httpx.post(

@@ -2,6 +2,7 @@
 MLflow tracking server with proxied artifacts, and the inference log; two Prefect workers on
 the `flywheel` pool run `training-pipeline/tiny` twice, and the retrains never overlap."""
 
+import functools
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from components.process import Server
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT, free_port, prefect_cli
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 USER = "flywheel"
@@ -102,19 +103,6 @@ def test_inference_log_on_postgres_loses_no_concurrent_write(postgres) -> None:
         store.close()
 
 
-def prefect(env: dict[str, str], *args: str, timeout: int = 180) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "prefect", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return done.stdout
-
-
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_training_through_workers_on_a_postgres_prefect_and_mlflow_server(
@@ -175,12 +163,13 @@ def test_training_through_workers_on_a_postgres_prefect_and_mlflow_server(
             base_env,
         ),
     ]
+    prefect = functools.partial(prefect_cli, base_env, timeout=180)
     workers: list[subprocess.Popen] = []
     try:
         for server in servers:
             server.wait_ready(180)
-        prefect(base_env, "work-pool", "create", "flywheel", "--type", "process")
-        prefect(base_env, "--no-prompt", "deploy", "--name", "training-pipeline/tiny")
+        prefect("work-pool", "create", "flywheel", "--type", "process")
+        prefect("--no-prompt", "deploy", "--name", "training-pipeline/tiny")
         for k in range(2):
             with (tmp_path / f"worker-{k}.log").open("w") as log:
                 workers.append(
@@ -203,7 +192,7 @@ def test_training_through_workers_on_a_postgres_prefect_and_mlflow_server(
                     )
                 )
         for _ in range(2):
-            prefect(base_env, "deployment", "run", "training-pipeline/tiny")
+            prefect("deployment", "run", "training-pipeline/tiny")
 
         api = httpx.Client(base_url=f"{prefect_url}/api", timeout=30)
         deadline, runs = time.monotonic() + 900, []

@@ -70,6 +70,16 @@ def down_rate(window: str) -> str:
     return f"{ratings(window, 'down')} / {ratings(window)}"
 
 
+def retrain_failed(selector: str = "", comparison: str = ">") -> str:
+    """The last failure of the training pipeline after its last success, or with no success
+    yet, per profile (`comparison` `> bool` gives 1 or 0 instead of keeping the failures)."""
+    failed = f"{RETRAIN_FAILURE}{selector}"
+    return (
+        f"{failed} {comparison} on(profile) "
+        f"({RETRAIN_SUCCESS}{selector} or on(profile) {failed} * 0)"
+    )
+
+
 def alerts(config: PipelineConfig) -> list[Alert]:
     """Every alert of `config`'s service, with its thresholds."""
     m = config.monitor
@@ -84,8 +94,7 @@ def alerts(config: PipelineConfig) -> list[Alert]:
     window = f"{int(m.interval_minutes)}m"
     feedback = ratings(window)
     slo = latency_slo_seconds(config)
-    profile = f'{{profile="{config.name}"}}'
-    failed = f"{RETRAIN_FAILURE}{profile}"
+    failed = retrain_failed(f'{{profile="{config.name}"}}')
     return [
         Alert(
             "FlywheelServiceDown",
@@ -147,8 +156,7 @@ def alerts(config: PipelineConfig) -> list[Alert]:
         Alert(  # pushed by the flows (components/monitor/pushed.py)
             "FlywheelRetrainFailed",
             failed,
-            # a failure after the last success, or with no success at all yet
-            f"> on(profile) ({RETRAIN_SUCCESS}{profile} or on(profile) {failed} * 0)",
+            "",
             "0m",
             "warn",
             f"The last training-pipeline run of {config.name} failed; the champion stays.",

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from components.monitor.alerts import USER_SELECTOR, WINDOW, down_rate, quantile
-from components.monitor.pushed import MONITOR_DECISION, RETRAIN_FAILURE, RETRAIN_SUCCESS
+from components.monitor.alerts import USER_SELECTOR, WINDOW, down_rate, quantile, retrain_failed
+from components.monitor.pushed import MONITOR_DECISION
 
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 _LATENCY = f"bentoml_service_request_duration_seconds_bucket{{{USER_SELECTOR}}}"
@@ -107,11 +107,7 @@ PANELS: tuple[Panel, ...] = (
         "short",
         (
             (f"max by (profile) ({MONITOR_DECISION})", "{{profile}}: retrain (1) or keep (0)"),
-            (
-                f"max by (profile) ({RETRAIN_FAILURE}) > bool on(profile) "
-                f"max by (profile) ({RETRAIN_SUCCESS} or on(profile) {RETRAIN_FAILURE} * 0)",
-                "{{profile}}: last retrain failed (1)",
-            ),
+            (retrain_failed(comparison="> bool"), "{{profile}}: last retrain failed (1)"),
         ),
         "Pushed by the flows to the Pushgateway: the monitor's last decision, and whether the "
         "last training-pipeline run failed.",
