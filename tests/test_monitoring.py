@@ -30,6 +30,23 @@ def tool(name: str) -> str:
     return path
 
 
+def start_pushgateway(port: int, tmp_path: Path):
+    """A Pushgateway that keeps its metrics in memory only (the Debian build persists them
+    to /var/lib by default, which would carry one test's pushes into the next)."""
+    from components.process import Server
+
+    return Server.start(
+        "pushgateway",
+        [
+            tool("prometheus-pushgateway"),
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--persistence.file=",
+        ],
+        f"http://127.0.0.1:{port}/-/ready",
+        tmp_path / "pushgateway.log",
+    )
+
+
 @pytest.mark.parametrize("profile", PROFILES)
 def test_shipped_rules_follow_their_profile(profile: str) -> None:
     shipped = RULES_DIR / f"{profile}.yml"
@@ -110,12 +127,7 @@ def test_every_alert_and_panel_has_data_from_a_real_service(
         f"{prometheus}/-/ready",
         tmp_path / "prometheus.log",
     )
-    pushgateway = Server.start(
-        "pushgateway",
-        [tool("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{push_port}"],
-        f"http://127.0.0.1:{push_port}/-/ready",
-        tmp_path / "pushgateway.log",
-    )
+    pushgateway = start_pushgateway(push_port, tmp_path)
     try:
         server.wait_ready(60)
         pushgateway.wait_ready(60)
@@ -187,16 +199,10 @@ def test_a_failed_training_run_is_pushed_for_its_alert(
     home: Path, prefect_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The training pipeline's failure hook reports to a real Pushgateway."""
-    from components.process import Server
     from flows.training_pipeline import training_pipeline
 
     port = free_port()
-    pushgateway = Server.start(
-        "pushgateway",
-        [tool("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}"],
-        f"http://127.0.0.1:{port}/-/ready",
-        tmp_path / "pushgateway.log",
-    )
+    pushgateway = start_pushgateway(port, tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": ""}\n')  # nothing valid to train on
     profile = yaml.safe_load((PROFILES_DIR / "tiny.yaml").read_text())
