@@ -1,7 +1,10 @@
 """The monitoring files: alert rules and dashboard as their profiles write them, rule unit
-tests with promtool, and a real Prometheus scraping a real `bentoml serve`."""
+tests with promtool, a real Prometheus scraping a real `bentoml serve`, and the Locust file
+loading it."""
 
+import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -17,7 +20,7 @@ from components.monitor.alerts import alerts
 from components.monitor.dashboard import dashboard
 from components.monitor.pushed import report_decision, report_retrain
 from scripts.monitoring import DASHBOARD, MONITORING_DIR, RULES_DIR, dashboard_text, rules_text
-from tests.conftest import free_port
+from tests.conftest import REPO_ROOT, free_port
 from tests.test_team_stack import keda_query
 
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
@@ -224,3 +227,42 @@ def test_a_failed_training_run_is_pushed_for_its_alert(
         assert "flywheel_retrain_last_success_timestamp_seconds" not in pushed
     finally:
         pushgateway.stop()
+
+
+@pytest.mark.e2e
+def test_the_locust_file_loads_a_real_service_without_failures(served, tmp_path: Path) -> None:
+    """`make loadtest`'s Locust file, headless against a real `bentoml serve`: every kind of
+    call it makes is answered, and none fails."""
+    locust = REPO_ROOT / ".venv-locust/bin/locust"
+    if not locust.is_file():  # a failure, not a skip: `make test` builds it
+        pytest.fail("Locust is missing: `make loadtest-setup` builds .venv-locust")
+    done = subprocess.run(
+        [
+            str(locust),
+            "-f",
+            str(REPO_ROOT / "benchmarks/locustfile.py"),
+            "--headless",
+            f"--host={served.url}",
+            "--users=4",
+            "--spawn-rate=4",
+            "--run-time=20s",
+            f"--csv={tmp_path / 'locust'}",
+        ],
+        env={
+            "PATH": os.environ["PATH"],
+            "HOME": str(tmp_path),
+            "FLYWHEEL_LOAD_MAX_TOKENS": "4",
+            "FLYWHEEL_LOAD_RATE_EVERY": "2",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with (tmp_path / "locust_stats.csv").open() as stats:
+        rows = {row["Name"]: row for row in csv.DictReader(stats)}
+    calls = ["models", "generate", "chat", "chat stream", "chat stream: first token", "feedback"]
+    assert {name: int(rows[name]["Request Count"]) > 0 for name in calls} == dict.fromkeys(
+        calls, True
+    ), done.stderr[-3000:]
+    assert int(rows["Aggregated"]["Failure Count"]) == 0, done.stderr[-3000:]
