@@ -100,6 +100,15 @@ class TrainConfig(StrictModel):
     gradient_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     seed: int = 1234
+    # An `accelerate launch` config (deployments/accelerate/): training then runs in the
+    # processes it starts, one per GPU (DDP or FSDP). None: in the flow's own process.
+    accelerate_config: str | None = None
+
+    @model_validator(mode="after")
+    def _accelerate_config_exists(self) -> TrainConfig:
+        if self.accelerate_config and not resolve_path(self.accelerate_config).is_file():
+            raise ValueError(f"accelerate_config: no file {resolve_path(self.accelerate_config)}")
+        return self
 
 
 class RecipeConfig(StrictModel):

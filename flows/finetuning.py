@@ -12,6 +12,7 @@ from components.model.base_model import BaseModelRef
 from components.registry.register import current_champion, download_version
 from components.registry.tracking import RunLogger
 from components.train.finetune import FinetuneResult, continuable, finetune
+from components.train.launch import launched_finetune
 
 
 @dataclass(frozen=True)
@@ -69,16 +70,17 @@ def train_adapter(
     init_adapter: str | None,
     stop_path: str | None,
 ) -> FinetuneResult:
-    run = RunLogger(run_id)
+    if config.train.accelerate_config:  # in the processes `accelerate launch` starts
+        return launched_finetune(
+            config, base, train_path, validation_path, output_dir, run_id, init_adapter, stop_path
+        )
     return finetune(
         config,
         base,
         train_path,
         validation_path,
         output_dir,
-        on_log=lambda metrics, step: run.metrics(
-            {f"train.{k}": v for k, v in metrics.items()}, step
-        ),
+        on_log=RunLogger(run_id).training_log,
         init_adapter=init_adapter,
         stop_path=stop_path,
     )

@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         default="tiny",
-        help="profile name (tiny, cpu-small, gpu-qlora) or path to a YAML file",
+        help="profile name (tiny, cpu-small, gpu-qlora, gpu-fsdp) or path to a YAML file",
     )
     parser.add_argument(
         "--extra-source",

@@ -13,7 +13,7 @@ from components.config import (
 )
 
 
-@pytest.mark.parametrize("name", ["tiny", "cpu-small", "gpu-qlora"])
+@pytest.mark.parametrize("name", ["tiny", "cpu-small", "gpu-qlora", "gpu-fsdp"])
 def test_every_shipped_profile_parses(name: str) -> None:
     config = load_profile(name)
     assert isinstance(config, PipelineConfig)
@@ -34,6 +34,21 @@ def test_gpu_profile_is_qlora() -> None:
     assert config.quantization.quant_type == "nf4" and config.quantization.double_quant
     assert config.quantization.compute_dtype == "auto"
     assert config.train.gradient_checkpointing
+
+
+def test_multi_gpu_profile_launches_with_the_shipped_fsdp_config() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_profile("gpu-fsdp")
+    assert config.quantization == load_profile("gpu-qlora").quantization
+    launch = load_config_from_file(config.train.accelerate_config)
+    assert launch.distributed_type == "FSDP" and launch.num_processes >= 2
+    assert launch.fsdp_config["fsdp_cpu_ram_efficient_loading"]  # shards load from the CPU
+
+
+def test_a_missing_accelerate_config_is_named() -> None:
+    with pytest.raises(ProfileError, match=r"train: .*accelerate_config: no file"):
+        parse_profile(_raw(train__accelerate_config="deployments/accelerate/none.yaml"))
 
 
 def test_profile_by_path_equals_by_name() -> None:

@@ -137,6 +137,10 @@ class RunLogger:
         if items:
             self._client().log_batch(self.run_id, metrics=items)
 
+    def training_log(self, metrics: dict[str, Any], step: int) -> None:
+        """The trainer's logs (loss, learning rate, ...) as `train.*` metrics at `step`."""
+        self.metrics({f"train.{k}": v for k, v in metrics.items()}, step)
+
     def tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             self._client().set_tag(self.run_id, key, str(value))

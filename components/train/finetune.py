@@ -2,13 +2,16 @@
 
 QLoRA is a config value (`quantization.load_in_4bit`), handled in `load_base_for_training`;
 the rest of the code path is the same. Runs are seeded and checkpointed; calling `finetune`
-again with the same `output_dir` resumes from the last checkpoint.
+again with the same `output_dir` resumes from the last checkpoint. The same code runs in each
+process of `accelerate launch` (components/train/launch.py): the trainer shards the batches,
+and the main process alone writes the adapter and the run's files.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -74,17 +77,26 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
     return None
 
 
+def fsdp_launched() -> bool:
+    """Whether `accelerate launch` started this process with an FSDP config."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def load_base_for_training(
     base: BaseModelRef, quant: QuantizationConfig, device: str, gradient_checkpointing: bool
 ) -> tuple[Any, Any]:
-    """Load the base model in full precision, or in 4-bit for QLoRA; returns (model, dtype)."""
+    """Load the base model in full precision, or in 4-bit for QLoRA; returns (model, dtype).
+
+    Under FSDP the weights stay on the CPU until FSDP shards them onto the GPUs, and 4-bit
+    weights are stored in the compute dtype, the one dtype FSDP can shard."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = select_compute_dtype(device, quant.compute_dtype)
+    fsdp = fsdp_launched() and device == "cuda"
     if not quant.load_in_4bit:
         model: Any = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
-        return model.to(device), dtype
+        return (model if fsdp else model.to(device)), dtype
     from peft import prepare_model_for_kbit_training
 
     bnb = BitsAndBytesConfig(
@@ -92,18 +104,27 @@ def load_base_for_training(
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=dtype if fsdp else torch.uint8,
     )
-    device_map = {"": 0} if device == "cuda" else {"": device}
     model = AutoModelForCausalLM.from_pretrained(
-        base.path, quantization_config=bnb, device_map=device_map, dtype=dtype
+        base.path,
+        quantization_config=bnb,
+        device_map=None if fsdp else {"": local_device(device)},
+        dtype=dtype,
     )
+    if fsdp:  # kbit preparation upcasts some weights to float32, which FSDP cannot shard
+        return model, dtype
     model = prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     return model, dtype
+
+
+def local_device(device: str) -> str | int:
+    """This process's device: under `accelerate launch` on CUDA, the GPU of its local rank."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if device == "cuda" else device
 
 
 def attach_lora(model: Any, settings: LoraSettings) -> Any:
@@ -240,6 +261,7 @@ def finetune(
         report_to="none",
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,  # frozen base weights get no gradient, by design
     )
     callbacks = list(extra_callbacks or [])
     if on_log is not None:
@@ -255,22 +277,27 @@ def finetune(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    resume_from = last_complete_checkpoint(output_dir)
+    with args.main_process_first(local=False):  # one process tidies, all resume alike
+        resume_from = last_complete_checkpoint(output_dir)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
     eval_loss = trainer.evaluate(eval_rows)["eval_loss"] if eval_rows else None  # type: ignore[arg-type]
 
     adapter_dir = output_dir / "adapter"
-    trained: Any = trainer.model
-    trained.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
     history = trainer.state.log_history
-    (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    png = plot_loss_curve(
-        losses, output_dir / "loss_curve.png", title=f"{config.name}: training loss"
-    )
+    png = output_dir / "loss_curve.png"
+    # FSDP holds a shard of the adapter in each process: all of them join the gather.
+    fsdp = trainer.is_fsdp_enabled
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if fsdp else None
+    if trainer.is_world_process_zero():
+        trained: Any = trainer.accelerator.unwrap_model(trainer.model)
+        trained.save_pretrained(adapter_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(adapter_dir)
+        (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+        plot_loss_curve(losses, png, title=f"{config.name}: training loss")
+    trainer.accelerator.wait_for_everyone()
     return FinetuneResult(
         adapter_dir=str(adapter_dir),
         output_dir=str(output_dir),
