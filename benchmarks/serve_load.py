@@ -198,9 +198,7 @@ def engine_ceiling(
         flywheel_home() / "serving" / name / version / f"openvino-{config.serve.engine.weights}"
     )
     tokenizer = load_tokenizer(str(folder), padding_side="left")
-    engine = OpenVINOEngine(
-        folder, tokenizer, config.serve.engine.kv_cache_gb, config.serve.engine.max_batched_tokens
-    )
+    engine = OpenVINOEngine(folder, tokenizer, config.serve.engine)
     requests = [
         GenerationRequest(render_chat(tokenizer, [{"role": "user", "content": p}]), max_new_tokens)
         for p in prompts

@@ -179,6 +179,9 @@ class EngineConfig(StrictModel):
     weights: Literal["int8", "int4", "fp32"] = "int8"
     kv_cache_gb: float = Field(default=1.0, gt=0)
     max_batched_tokens: int = Field(default=2048, gt=0)  # per scheduler step, prompts included
+    # Reuse the KV cache of a prompt prefix already computed (the chat template's system turn,
+    # a conversation's earlier turns) instead of computing it again for every request.
+    prefix_caching: bool = True
 
 
 class ResponseCacheConfig(StrictModel):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from components.config import ModelConfig
+    from components.config import EngineConfig, ModelConfig
     from components.model.base_model import resolve_base_model
     from components.model.chat import load_tokenizer
     from components.serving.convert import openvino_folder
@@ -24,7 +24,7 @@ def smollm2(tmp_path_factory):
     base = resolve_base_model(ModelConfig())
     folder = openvino_folder(tmp_path_factory.mktemp("openvino"), base.path, None, "int8")
     tokenizer = load_tokenizer(base.path, padding_side="left")
-    engine = OpenVINOEngine(folder, tokenizer, cache_gb=1, max_batched_tokens=2048)
+    engine = OpenVINOEngine(folder, tokenizer, EngineConfig(name="openvino"))
     yield engine, tokenizer
     engine.close()
 
@@ -119,11 +119,32 @@ def test_a_request_the_engine_refuses_fails_alone(smollm2) -> None:
     assert all("max_new_tokens" in outcomes[i] for i in (1, 3, 5)), outcomes
 
 
-def test_a_closed_engine_finishes_what_it_runs_and_takes_nothing_new(smollm2) -> None:
+def test_prefix_caching_gives_the_answers_computed_without_it(smollm2) -> None:
+    """The shared prefix (the chat template's system turn) is computed once and reused: the
+    answers, asked again once the prefix is cached, are those of an engine without the cache."""
+    from components.config import EngineConfig
     from components.serving.engine import OpenVINOEngine
 
     engine, tokenizer = smollm2
-    other = OpenVINOEngine(Path(engine.model_dir), tokenizer, cache_gb=1, max_batched_tokens=512)
+    questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?"]
+    uncached = OpenVINOEngine(
+        Path(engine.model_dir), tokenizer, EngineConfig(name="openvino", prefix_caching=False)
+    )
+    try:
+        reference = [uncached.generate([ask(tokenizer, q, 12)])[0].text for q in questions]
+    finally:
+        uncached.close()
+    for _ in range(2):  # the second round starts from the prefixes the first one cached
+        assert [engine.generate([ask(tokenizer, q, 12)])[0].text for q in questions] == reference
+
+
+def test_a_closed_engine_finishes_what_it_runs_and_takes_nothing_new(smollm2) -> None:
+    from components.config import EngineConfig
+    from components.serving.engine import OpenVINOEngine
+
+    engine, tokenizer = smollm2
+    settings = EngineConfig(name="openvino", max_batched_tokens=512)
+    other = OpenVINOEngine(Path(engine.model_dir), tokenizer, settings)
     answers: list = []
     worker = threading.Thread(
         target=lambda: answers.extend(other.generate([ask(tokenizer, "Say hi.", 8)]))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from components.config import EngineConfig
 from components.model.generation import (
     Generation,
     GenerationRequest,
@@ -86,15 +87,16 @@ class OpenVINOEngine:
 
     name = "openvino"
 
-    def __init__(
-        self, model_dir: Path, tokenizer: Any, cache_gb: float, max_batched_tokens: int
-    ) -> None:
+    def __init__(self, model_dir: Path, tokenizer: Any, settings: EngineConfig) -> None:
         import openvino_genai as ov_genai
 
         scheduler = ov_genai.SchedulerConfig()
-        scheduler.cache_size = max(1, math.ceil(cache_gb))
-        scheduler.max_num_batched_tokens = max_batched_tokens
+        scheduler.cache_size = max(1, math.ceil(settings.kv_cache_gb))
+        scheduler.max_num_batched_tokens = settings.max_batched_tokens
         scheduler.dynamic_split_fuse = True
+        # Every chat prompt opens with the same templated system turn (and a conversation
+        # repeats its earlier turns): their KV blocks are computed once and shared.
+        scheduler.enable_prefix_caching = settings.prefix_caching
         # float32 compute and an int8 KV cache: bfloat16 (the default on CPUs that have it)
         # garbles this model's answers.
         properties = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "u8"}

@@ -163,7 +163,7 @@ def openvino_engine(
 
     engine = config.serve.engine
     folder = openvino_folder(cache, base_path, adapter_dir, engine.weights)
-    served = OpenVINOEngine(folder, tokenizer, engine.kv_cache_gb, engine.max_batched_tokens)
+    served = OpenVINOEngine(folder, tokenizer, engine)
     quality = checked_once(
         folder,
         lambda: check_engine(served, tokenizer, base_path, adapter_dir, config),
