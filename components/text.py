@@ -87,24 +87,31 @@ def ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-class Decontaminator:
-    """Flags training prompts that overlap the frozen test prompts.
+class NgramOverlap:
+    """Flags texts that share a word n-gram with any of `texts`, or (for texts shorter than
+    n words) equal one after normalisation."""
 
-    A prompt is contaminated if it shares a word n-gram with a test prompt, or (for prompts
-    shorter than n words) equals one after normalisation.
-    """
-
-    def __init__(self, test_examples: Iterable[Example], n: int) -> None:
+    def __init__(self, texts: Iterable[str], n: int) -> None:
         self.n = n
         self.grams: set[tuple[str, ...]] = set()
         self.short: set[tuple[str, ...]] = set()
-        for example in test_examples:
-            words = word_list(example.prompt())
+        for text in texts:
+            words = word_list(text)
             self.grams |= ngrams(words, n)
             self.short.add(tuple(words))
 
-    def __call__(self, example: Example) -> bool:
-        words = word_list(example.prompt())
+    def __call__(self, text: str) -> bool:
+        words = word_list(text)
         if len(words) < self.n:
             return tuple(words) in self.short
         return not self.grams.isdisjoint(ngrams(words, self.n))
+
+
+class Decontaminator:
+    """Flags training prompts that overlap the frozen test prompts (an `NgramOverlap`)."""
+
+    def __init__(self, test_examples: Iterable[Example], n: int) -> None:
+        self.overlap = NgramOverlap((e.prompt() for e in test_examples), n)
+
+    def __call__(self, example: Example) -> bool:
+        return self.overlap(example.prompt())
