@@ -268,6 +268,26 @@ class MemoryConfig(StrictModel):
     embedding_model: str = "all-minilm-l6-v2"  # built in, or a local sentence-embedding folder
 
 
+class RetrievalConfig(StrictModel):
+    """Grounded answers: the `top_k` passages of a documentation corpus most relevant to the
+    question (BM25) are given to the model with it, and the answer names them as sources.
+    `corpus` lists Markdown or text files and folders (relative to the repository or
+    absolute); passages that share a word n-gram with a frozen test answer are left out."""
+
+    enabled: bool = False
+    corpus: list[str] = ["README.md"]
+    top_k: int = Field(default=3, ge=1, le=20)
+    passage_chars: int = Field(default=700, ge=100)  # a section is split into passages this long
+    min_score: float = Field(default=0.0, ge=0)  # BM25 score below which a passage is not given
+
+    @model_validator(mode="after")
+    def _corpus_exists(self) -> RetrievalConfig:
+        missing = [str(resolve_path(c)) for c in self.corpus if not resolve_path(c).exists()]
+        if self.enabled and missing:
+            raise ValueError(f"corpus: no file or folder {', '.join(missing)}")
+        return self
+
+
 class ReviewConfig(StrictModel):
     """The Label Studio review project (server URL and token come from the environment)."""
 
@@ -293,6 +313,7 @@ class PipelineConfig(StrictModel):
     monitor: MonitorConfig = MonitorConfig()
     review: ReviewConfig = ReviewConfig()
     memory: MemoryConfig = MemoryConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
 
 
 def profile_path(profile: str | Path) -> Path:

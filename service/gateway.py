@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import secrets
 import signal
@@ -32,6 +33,7 @@ from starlette.exceptions import HTTPException
 from components.config import MemoryConfig, ServeConfig
 from components.inference_store import InferenceRecord, InferenceStore, StoreBusy, UnknownRequest
 from components.memory.store import CorrectionMemory, CorrectionRejected, Recall
+from components.retrieval.index import DocsIndex, Hit, grounded_question
 from components.serving.api import (
     ApiError,
     ChatCompletionRequest,
@@ -67,6 +69,7 @@ from service.tracing import TRACE_HEADER, current_trace_id, tracer
 log = logging.getLogger("flywheel.service")
 MEMORY_HEADER = "x-flywheel-memory"  # hit, miss or off on every generation response
 CACHE_HEADER = "x-flywheel-cache"  # hit, miss, error or off: what the response cache did
+RETRIEVAL_HEADER = "x-flywheel-retrieval"  # on (the docs were searched) or off
 RETRY_AFTER_S = 2  # what 429 and 503 answers ask clients to wait
 ENDPOINTS = {
     "/generate": "generate",
@@ -304,6 +307,7 @@ class Metrics:
     memory_lookups: Any
     memory_entries: Any
     response_cache: Any
+    retrieval_passages: Any
 
 
 @functools.cache
@@ -360,6 +364,11 @@ def flywheel_metrics() -> Metrics:
             "error (unreachable: generated without it), off (sampling, or the cache disabled)",
             labelnames=["result"],
         ),
+        retrieval_passages=bentoml.metrics.Histogram(
+            name="flywheel_retrieval_passages",
+            documentation="Documentation passages given to the model with a grounded question",
+            buckets=(0, 1, 2, 3, 5, 10, 20),
+        ),
     )
 
 
@@ -393,15 +402,37 @@ def _raise_for(out: GenerationOutput, param: str | None = None) -> None:
         raise ApiError(out.error_status, out.error, param=field, code=code)
 
 
-def _answer_headers(memory: str, cache: str) -> dict[str, str]:
-    return {MEMORY_HEADER: memory, CACHE_HEADER: cache}
+def _answer_headers(memory: str, cache: str, hits: list[Hit] | None) -> dict[str, str]:
+    return {
+        MEMORY_HEADER: memory,
+        CACHE_HEADER: cache,
+        RETRIEVAL_HEADER: "off" if hits is None else "on",
+    }
+
+
+def _sources(hits: list[Hit] | None) -> dict[str, Any]:
+    """The response's `sources` field (an extra that OpenAI clients ignore), when grounded."""
+    return {} if hits is None else {"sources": [hit.source() for hit in hits]}
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What a request's headers asked for: the correction memory and the docs (unless off)."""
+
+    memory: bool = True
+    docs: bool = True
 
 
 class Gateway:
     """What the public routes do, given the generator dependency."""
 
     def __init__(
-        self, settings: ServeConfig, generator: Any, model_name: str, memory: MemoryConfig
+        self,
+        settings: ServeConfig,
+        generator: Any,
+        model_name: str,
+        memory: MemoryConfig,
+        docs: DocsIndex | None = None,
     ) -> None:
         self.settings = settings
         self.generator = generator
@@ -409,6 +440,7 @@ class Gateway:
         self.store = InferenceStore()
         self.metrics = flywheel_metrics()
         self.memory = CorrectionMemory(memory) if memory.enabled else None
+        self.docs = docs  # grounded answers (retrieval:), None when the profile has none
 
     def warm_memory(self) -> None:
         """Load the embedding model in the background, so the first lookup does not wait."""
@@ -491,20 +523,38 @@ class Gateway:
         self.metrics.memory_lookups.labels(status).inc()
         return status, recall
 
+    def _ground(
+        self, item: GenerationInput, question: str, asked: Asked
+    ) -> tuple[GenerationInput, list[Hit] | None]:
+        """The request with the docs' passages for its question in its last user turn, and
+        those passages; unchanged (and None) without an index, for raw text, or when the
+        request opted out (`x-flywheel-retrieval: off`)."""
+        if self.docs is None or not asked.docs or item.messages is None:
+            return item, None
+        hits = self.docs.search(question)
+        self.metrics.retrieval_passages.observe(len(hits))
+        messages = [dict(m) for m in item.messages]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[last_user]["content"] = grounded_question(question, hits)
+        return item.model_copy(update={"messages": messages}), hits
+
     async def _answer(
-        self, item: GenerationInput, question: str, use_memory: bool, param: str | None = None
-    ) -> tuple[GenerationOutput, str, Recall | None]:
-        """The memory's correction if one matches, else the model's answer."""
+        self, item: GenerationInput, question: str, asked: Asked, param: str | None = None
+    ) -> tuple[GenerationOutput, str, Recall | None, list[Hit] | None]:
+        """The memory's correction if one matches, else the model's answer (grounded in the
+        docs when the profile's retrieval is on)."""
         with tracer().start_as_current_span("flywheel.answer") as span:
-            status, recall = await self._recall(question, use_memory)
+            status, recall = await self._recall(question, asked.memory)
             span.set_attribute("flywheel.memory", status)
+            hits = None
             if recall is None:
+                item, hits = self._ground(item, question, asked)
                 out = await self._generate(item, param)
             else:
                 out = await self._counted(item, recall.entry.answer)
                 _raise_for(out, param)
             span.set_attribute("flywheel.cache", out.cache)
-            return out, status, recall
+            return out, status, recall, hits
 
     async def _counted(self, item: GenerationInput, answer: str) -> GenerationOutput:
         """A remembered answer as an output, with the served model's token counts."""
@@ -550,7 +600,7 @@ class Gateway:
 
     # -- routes ----------------------------------------------------------------------------
 
-    async def generate(self, req: GenerateRequest, use_memory: bool = True) -> JSONResponse:
+    async def generate(self, req: GenerateRequest, asked: Asked = Asked()) -> JSONResponse:
         started = time.perf_counter()
         self._check_prompt(req.prompt, "prompt")
         item = GenerationInput(
@@ -560,7 +610,7 @@ class Gateway:
             top_p=req.top_p,
             stop=req.stop,
         )
-        out, status, recall = await self._answer(item, req.prompt, use_memory, param="prompt")
+        out, status, recall, hits = await self._answer(item, req.prompt, asked, param="prompt")
         request_id = f"gen-{uuid.uuid4().hex}"
         latency = self._record("generate", req.prompt, out, started, request_id, recall)
         reply = GenerateResponse(
@@ -571,10 +621,11 @@ class Gateway:
             completion_tokens=out.completion_tokens,
             latency_ms=latency,
         )
-        return JSONResponse(reply.model_dump(), headers=_answer_headers(status, out.cache))
+        headers = _answer_headers(status, out.cache, hits)
+        return JSONResponse({**reply.model_dump(), **_sources(hits)}, headers=headers)
 
     async def chat_completions(
-        self, req: ChatCompletionRequest, use_memory: bool = True
+        self, req: ChatCompletionRequest, asked: Asked = Asked()
     ) -> JSONResponse | StreamingResponse:
         started = time.perf_counter()
         self._check_model(req.model)
@@ -594,11 +645,11 @@ class Gateway:
         users = [m["content"] for m in messages if m["role"] == "user"]
         question = users[-1] if users else prompt
         return await self._complete(
-            "chat", item, prompt, question, request_id, started, limit, req, use_memory
+            "chat", item, prompt, question, request_id, started, limit, req, asked
         )
 
     async def completions(
-        self, req: CompletionRequest, use_memory: bool = True
+        self, req: CompletionRequest, asked: Asked = Asked()
     ) -> JSONResponse | StreamingResponse:
         started = time.perf_counter()
         self._check_model(req.model)
@@ -621,7 +672,7 @@ class Gateway:
             started,
             limit,
             req,
-            use_memory,
+            asked,
         )
 
     async def _complete(
@@ -634,15 +685,18 @@ class Gateway:
         started: float,
         limit: int,
         req: OpenAIBody,
-        use_memory: bool,
+        asked: Asked,
     ) -> JSONResponse | StreamingResponse:
         """An OpenAI completion (chat or text), from the memory or the model, whole or streamed."""
         if req.stream:
-            status, recall = await self._recall(question, use_memory)
+            status, recall = await self._recall(question, asked.memory)
+            hits = None
+            if recall is None:
+                item, hits = self._ground(item, question, asked)
             return await self._stream(
-                kind, item, prompt, request_id, started, limit, status, recall, req.include_usage
+                kind, item, prompt, request_id, started, limit, (status, recall, hits), req
             )
-        out, status, recall = await self._answer(item, question, use_memory)
+        out, status, recall, hits = await self._answer(item, question, asked)
         self._record(kind, prompt, out, started, request_id, recall)
         build = chat_completion if kind == "chat" else text_completion
         reply = build(
@@ -650,7 +704,9 @@ class Gateway:
         )
         if recall is not None:  # a correction is a whole answer, whatever its length
             reply.choices[0].finish_reason = "stop"
-        return JSONResponse(wire(reply), headers=_answer_headers(status, out.cache))
+        return JSONResponse(
+            {**wire(reply), **_sources(hits)}, headers=_answer_headers(status, out.cache, hits)
+        )
 
     async def _stream_outputs(self, item: GenerationInput) -> AsyncIterator[GenerationOutput]:
         buffer = ""
@@ -680,10 +736,11 @@ class Gateway:
         request_id: str,
         started: float,
         limit: int,
-        memory_status: str,
-        recall: Recall | None,
-        include_usage: bool,
+        answered: tuple[str, Recall | None, list[Hit] | None],
+        req: OpenAIBody,
     ) -> StreamingResponse:
+        """A stream of the answer; its first chunk carries the sources when grounded."""
+        memory_status, recall, hits = answered
         outputs = self._memory_outputs(item, recall) if recall else self._stream_outputs(item)
         first = await anext(outputs)
         _raise_for(first)  # fail before any byte is sent, as a normal 4xx
@@ -704,9 +761,17 @@ class Gateway:
                 return sse(chat_chunk(request_id, self.model_name, created, delta, finish))
             return sse(completion_chunk(request_id, self.model_name, created, text, finish))
 
+        def opening(text: str) -> str:
+            if hits is None:
+                return event(text, role=True)
+            chunk = chat_chunk(
+                request_id, self.model_name, created, ChoiceDelta(role="assistant", content=text)
+            )
+            return sse(json.dumps({**wire(chunk), **_sources(hits)}))
+
         async def events() -> AsyncIterator[str]:
             text, last = first.text, first
-            yield event(first.text, role=True)
+            yield opening(first.text)
             async for out in outputs:
                 if out.error:  # the generation failed after the stream began: end it cleanly
                     log.warning("stream %s failed: %s", request_id, out.error)
@@ -717,7 +782,7 @@ class Gateway:
                 last = out
             finish = "stop" if recall else finish_reason(last.completion_tokens, limit)
             yield event("", finish=finish)
-            if include_usage:
+            if req.include_usage:
                 counts = (last.prompt_tokens, last.completion_tokens)
                 yield sse(usage_chunk(kind, request_id, self.model_name, created, *counts))
             yield sse("[DONE]")
@@ -729,7 +794,10 @@ class Gateway:
             )
             self._record(kind, prompt, final, started, request_id, recall)
 
-        headers = {"x-request-id": request_id, **_answer_headers(memory_status, first.cache)}
+        headers = {
+            "x-request-id": request_id,
+            **_answer_headers(memory_status, first.cache, hits),
+        }
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     def models(self) -> dict[str, Any]:

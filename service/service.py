@@ -32,6 +32,7 @@ from components.serving.api import (
 )
 from components.serving.model import GenerationInput, GenerationOutput, serving_profile
 from service.gateway import (
+    Asked,
     Gateway,
     ServiceEdge,
     admin_auth,
@@ -127,6 +128,8 @@ CLIENT = [Depends(client_auth)]
 ADMIN = [Depends(admin_auth)]
 # `x-flywheel-memory: off` asks for the model's own answer; the response says hit, miss or off.
 MemoryChoice = Annotated[Literal["on", "off"] | None, Header(alias="x-flywheel-memory")]
+# `x-flywheel-retrieval: off` asks without the docs' passages (when the profile grounds answers).
+RetrievalChoice = Annotated[Literal["on", "off"] | None, Header(alias="x-flywheel-retrieval")]
 
 
 @bentoml.service(
@@ -142,8 +145,15 @@ class Flywheel:
     generator = bentoml.depends(Generator)
 
     def __init__(self) -> None:
+        from components.retrieval.index import profile_index
+
+        docs = profile_index(PROFILE) if PROFILE.retrieval.enabled else None
         self.gateway = Gateway(
-            SETTINGS, self.generator, PROFILE.registry.model_name, PROFILE.memory
+            SETTINGS,
+            self.generator,
+            PROFILE.registry.model_name,
+            PROFILE.memory,
+            docs,
         )
         self.gateway.announce_version()
         self.gateway.warm_memory()
@@ -158,20 +168,22 @@ class Flywheel:
         return HTMLResponse(playground_html())
 
     @app.post("/generate", dependencies=CLIENT, response_model=GenerateResponse)
-    async def generate(self, body: GenerateRequest, memory: MemoryChoice = None) -> JSONResponse:
-        return await self.gateway.generate(body, use_memory=memory != "off")
+    async def generate(
+        self, body: GenerateRequest, memory: MemoryChoice = None, docs: RetrievalChoice = None
+    ) -> JSONResponse:
+        return await self.gateway.generate(body, Asked(memory != "off", docs != "off"))
 
     @app.post("/v1/chat/completions", dependencies=CLIENT, response_model=None)
     async def chat_completions(
-        self, body: ChatCompletionRequest, memory: MemoryChoice = None
+        self, body: ChatCompletionRequest, memory: MemoryChoice = None, docs: RetrievalChoice = None
     ) -> JSONResponse | StreamingResponse:
-        return await self.gateway.chat_completions(body, use_memory=memory != "off")
+        return await self.gateway.chat_completions(body, Asked(memory != "off", docs != "off"))
 
     @app.post("/v1/completions", dependencies=CLIENT, response_model=None)
     async def completions(
         self, body: CompletionRequest, memory: MemoryChoice = None
     ) -> JSONResponse | StreamingResponse:
-        return await self.gateway.completions(body, use_memory=memory != "off")
+        return await self.gateway.completions(body, Asked(memory=memory != "off"))
 
     @app.get("/v1/models", dependencies=CLIENT)
     def models(self) -> dict:

@@ -284,7 +284,8 @@ def client_for(champion_home, monkeypatch):
     monkeypatch.setenv("FLYWHEEL_HOME", str(champion_home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{champion_home / 'mlflow.db'}")
     monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
-    from components.config import MemoryConfig
+    from components.config import MemoryConfig, RetrievalConfig
+    from components.retrieval.index import build_index
     from components.serving.model import ServedModel, default_model_uri, serve_settings
     from service.gateway import Gateway
     from service.service import app
@@ -293,13 +294,24 @@ def client_for(champion_home, monkeypatch):
     gateways = []
 
     def make(
-        settings_update: dict | None = None, api_key: str | None = None, memory: dict | None = None
+        settings_update: dict | None = None,
+        api_key: str | None = None,
+        memory: dict | None = None,
+        retrieval: dict | None = None,
     ) -> TestClient:
         if api_key:
             monkeypatch.setenv("FLYWHEEL_API_KEY", api_key)
         settings = serve_settings().model_copy(update=settings_update or {})
         memory_config = MemoryConfig(**(memory or {}))
-        gateway = Gateway(settings, LocalGenerator(served), "flywheel-llm-tiny", memory_config)
+        docs_config = RetrievalConfig(**(retrieval or {}))
+        docs = build_index(docs_config, [], 10) if docs_config.enabled else None
+        gateway = Gateway(
+            settings,
+            LocalGenerator(served),
+            "flywheel-llm-tiny",
+            memory_config,
+            docs,
+        )
         gateways.append(gateway)
         app.dependency_overrides[get_current_service] = lambda: type(
             "Svc", (), {"gateway": gateway}
@@ -609,3 +621,46 @@ def test_memory_policy_limits_what_one_client_can_teach(home) -> None:
     assert reviewed_only.recall(FACT["p"]).entry.answer == "Reviewed: 45 days."
     reopened.close()
     reviewed_only.close()
+
+
+def test_grounded_answers_name_their_sources_on_every_chat_route(client_for, tmp_path) -> None:
+    """With retrieval on, /generate and chat (whole, streamed, and through the openai client)
+    give the model the passages and say which; `x-flywheel-retrieval: off` asks without them,
+    and raw text completions are never grounded."""
+    from openai import OpenAI
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "ops.md").write_text(
+        "# Operations\n\n## Staging\n\nThe staging MLflow server listens on port 5077.\n\n"
+        "## Paging\n\nPriya Raman holds the pager for the serving cluster.\n"
+    )
+    client = client_for(retrieval={"enabled": True, "corpus": [str(docs)], "top_k": 1})
+    question = "Which port does the staging MLflow server listen on?"
+    body = {"prompt": question, "max_new_tokens": 3}
+
+    grounded = client.post("/generate", json=body)
+    plain = client.post("/generate", json=body, headers={"x-flywheel-retrieval": "off"})
+    assert grounded.status_code == plain.status_code == 200, grounded.text
+    assert grounded.headers["x-flywheel-retrieval"] == "on"
+    assert plain.headers["x-flywheel-retrieval"] == "off" and "sources" not in plain.json()
+    [source] = grounded.json()["sources"]
+    assert source["title"] == "Operations > Staging" and source["source"].endswith("ops.md")
+    # the passage went into the prompt: many more prompt tokens than the question alone
+    assert grounded.json()["prompt_tokens"] > plain.json()["prompt_tokens"] + 10
+
+    chat = {"messages": [{"role": "user", "content": question}], "max_tokens": 3}
+    whole = client.post("/v1/chat/completions", json=chat)
+    assert whole.json()["sources"] == [source]
+    with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as stream:
+        events = [line for line in stream.iter_lines() if line.startswith("data: {")]
+    assert json.loads(events[0].removeprefix("data: "))["sources"] == [source]
+    assert all("sources" not in json.loads(e.removeprefix("data: ")) for e in events[1:])
+
+    raw = client.post("/v1/completions", json={"prompt": question, "max_tokens": 3})
+    assert raw.headers["x-flywheel-retrieval"] == "off" and "sources" not in raw.json()
+
+    openai = OpenAI(base_url=f"{client.base_url}/v1", api_key="unused", http_client=client)
+    reply = openai.chat.completions.create(model="flywheel-llm-tiny", **chat)
+    assert reply.choices[0].message.content is not None
+    assert reply.model_extra and reply.model_extra["sources"] == [source]

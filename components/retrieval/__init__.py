@@ -1,0 +1,1 @@
+"""Grounded answers: passages of a documentation corpus retrieved for a question."""
