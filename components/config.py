@@ -208,10 +208,27 @@ class TracingConfig(StrictModel):
     sample_rate: float = Field(default=1.0, ge=0, le=1)  # of requests that start a trace
 
 
+class RoutingConfig(StrictModel):
+    """Which answer a question gets: in the champion's domain (components/domain.py: at least
+    `min_similarity` to one of its training prompts) the champion's; outside it the
+    `scope_reply`, or the champion's anyway with `out_of_domain: champion` (judged and logged
+    only). Each decision and its similarity are logged per request."""
+
+    enabled: bool = False
+    min_similarity: float = Field(default=0.3, gt=0, le=1)
+    out_of_domain: Literal["scope_reply", "champion"] = "scope_reply"
+    scope_reply: str = Field(
+        default="Sorry, I can only help with questions about Flywheel: training, evaluating, "
+        "serving and monitoring its models.",
+        min_length=1,
+    )
+
+
 class ServeConfig(StrictModel):
     """How the BentoML service serves the champion."""
 
     engine: EngineConfig = EngineConfig()
+    routing: RoutingConfig = RoutingConfig()
     cache: ResponseCacheConfig = ResponseCacheConfig()
     tracing: TracingConfig = TracingConfig()
     port: int = Field(default=3000, gt=0, lt=65536)

@@ -49,6 +49,8 @@ class InferenceRecord:
     confidence: float | None = None
     memory_entry: str | None = None  # the correction-memory entry that answered, if one did
     trace_id: str | None = None  # the request's OpenTelemetry trace (32 hex digits)
+    route: str | None = None  # where the router sent it: champion, scope, off
+    route_similarity: float | None = None  # to the champion's nearest training prompt
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,8 @@ def _tables(metadata: Any) -> tuple[Any, Any]:
         Column("confidence", Float),
         Column("memory_entry", String(40)),
         Column("trace_id", String(32)),
+        Column("route", String(16)),
+        Column("route_similarity", Float),
     )
     feedback = Table(
         "feedback",

@@ -25,13 +25,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from components.config import PipelineConfig, load_profile
 from components.data.curated import curate, curated_dir, summary, user_corrections
+from components.domain import DomainModel
 from components.inference_store import InferenceStore
 from components.monitor.decision import RetrainDecision, Signals, assess, next_state
 from components.monitor.pushed import report_decision
 from components.monitor.scrape import Scrape, ScrapeError, scrape
 from components.monitor.state import MonitorState
 from components.paths import flywheel_home
-from components.records import read_jsonl
 from components.registry.tracking import RunLogger
 from flows.reports import slug
 
@@ -59,27 +59,12 @@ def read_metrics(url: str) -> Scrape:
 @task
 def reference_prompts(config: PipelineConfig) -> tuple[list[str], str | None]:
     """The champion's training prompts (logged with its run), and the champion's version."""
-    import mlflow
+    from components.registry.register import current_champion, training_prompts
 
-    from components.registry.register import current_champion
-    from components.registry.tracking import configure_mlflow
-
-    configure_mlflow()
     champion = current_champion(config.registry.model_name)
     if champion is None:
         return [], None
-    folder = flywheel_home() / "monitor" / "reference" / f"run-{champion.run_id}"
-    cached = list(folder.rglob("train.jsonl"))
-    path = (
-        cached[0]
-        if cached
-        else Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=champion.run_id, artifact_path="data/train.jsonl", dst_path=str(folder)
-            )
-        )
-    )
-    return [r["instruction"] for r in read_jsonl(path)], str(champion.version)
+    return training_prompts(champion.run_id), str(champion.version)
 
 
 @task
@@ -98,8 +83,29 @@ def gather(config: PipelineConfig, state: MonitorState, url: str) -> Signals:
     prompts, champion = reference_prompts(config)
     waiting = corrections_waiting(config)
     return Signals(
-        now, current, unreachable, answers, rated, rated_before, prompts, champion, waiting
+        now,
+        current,
+        unreachable,
+        answers,
+        rated,
+        rated_before,
+        prompts,
+        champion,
+        waiting,
+        routing_domain(config, prompts),
     )
+
+
+def routing_domain(config: PipelineConfig, prompts: list[str]) -> DomainModel | None:
+    """The router's domain of the champion, so the drift check reports what the router does
+    with the live prompts (None when the service does not route)."""
+    routing = config.serve.routing
+    if not routing.enabled or not prompts:
+        return None
+    from components.model.embedding import sentence_embedder
+
+    embedder = sentence_embedder(config.memory.embedding_model)
+    return DomainModel(prompts, embedder, routing.min_similarity)
 
 
 def corrections_waiting(config: PipelineConfig) -> int | None:

@@ -63,6 +63,7 @@ from components.serving.model import (
     default_model_uri,
     resolve_model_uri,
 )
+from components.serving.router import Router
 from components.text import scrub_pii
 from service.tracing import TRACE_HEADER, current_trace_id, tracer
 
@@ -70,6 +71,7 @@ log = logging.getLogger("flywheel.service")
 MEMORY_HEADER = "x-flywheel-memory"  # hit, miss or off on every generation response
 CACHE_HEADER = "x-flywheel-cache"  # hit, miss, error or off: what the response cache did
 RETRIEVAL_HEADER = "x-flywheel-retrieval"  # on (the docs were searched) or off
+ROUTE_HEADER = "x-flywheel-route"  # champion, scope (the scope reply) or off (not judged)
 RETRY_AFTER_S = 2  # what 429 and 503 answers ask clients to wait
 ENDPOINTS = {
     "/generate": "generate",
@@ -308,6 +310,7 @@ class Metrics:
     memory_entries: Any
     response_cache: Any
     retrieval_passages: Any
+    routes: Any
 
 
 @functools.cache
@@ -369,6 +372,12 @@ def flywheel_metrics() -> Metrics:
             documentation="Documentation passages given to the model with a grounded question",
             buckets=(0, 1, 2, 3, 5, 10, 20),
         ),
+        routes=bentoml.metrics.Counter(
+            name="flywheel_routes",
+            documentation="Questions by where the router sent them: champion, scope (the scope "
+            "reply), off (routing off, or the domain not known yet)",
+            labelnames=["route"],
+        ),
     )
 
 
@@ -402,25 +411,39 @@ def _raise_for(out: GenerationOutput, param: str | None = None) -> None:
         raise ApiError(out.error_status, out.error, param=field, code=code)
 
 
-def _answer_headers(memory: str, cache: str, hits: list[Hit] | None) -> dict[str, str]:
-    return {
-        MEMORY_HEADER: memory,
-        CACHE_HEADER: cache,
-        RETRIEVAL_HEADER: "off" if hits is None else "on",
-    }
-
-
-def _sources(hits: list[Hit] | None) -> dict[str, Any]:
-    """The response's `sources` field (an extra that OpenAI clients ignore), when grounded."""
-    return {} if hits is None else {"sources": [hit.source() for hit in hits]}
-
-
 @dataclass(frozen=True)
 class Asked:
     """What a request's headers asked for: the correction memory and the docs (unless off)."""
 
     memory: bool = True
     docs: bool = True
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one request is answered: by the model (asked `item`, grounded in `hits` when
+    retrieval is on), or with a `fixed` answer: a correction from the memory (`recall`) or
+    the scope reply to a question outside the champion's domain (`route` "scope")."""
+
+    item: GenerationInput
+    memory: str  # x-flywheel-memory: hit, miss or off
+    recall: Recall | None = None
+    route: str = "off"  # x-flywheel-route: champion, scope or off
+    similarity: float | None = None  # to the champion's nearest training prompt
+    hits: list[Hit] | None = None
+    fixed: str | None = None
+
+    def headers(self, cache: str) -> dict[str, str]:
+        return {
+            MEMORY_HEADER: self.memory,
+            CACHE_HEADER: cache,
+            RETRIEVAL_HEADER: "off" if self.hits is None else "on",
+            ROUTE_HEADER: self.route,
+        }
+
+    def sources(self) -> dict[str, Any]:
+        """The response's `sources` field (an extra OpenAI clients ignore), when grounded."""
+        return {} if self.hits is None else {"sources": [hit.source() for hit in self.hits]}
 
 
 class Gateway:
@@ -441,6 +464,10 @@ class Gateway:
         self.metrics = flywheel_metrics()
         self.memory = CorrectionMemory(memory) if memory.enabled else None
         self.docs = docs  # grounded answers (retrieval:), None when the profile has none
+        routing = settings.routing
+        self.router = (
+            Router(routing, model_name, memory.embedding_model) if routing.enabled else None
+        )
 
     def warm_memory(self) -> None:
         """Load the embedding model in the background, so the first lookup does not wait."""
@@ -499,6 +526,8 @@ class Gateway:
                 self.metrics.model_version.labels(self.model_name, CurrentVersion.value).set(0)
             CurrentVersion.value = version
             self.metrics.model_version.labels(self.model_name, version).set(1)
+        if version and self.router is not None:
+            self.router.follow(version)
 
     async def _generate(self, item: GenerationInput, param: str | None = None) -> GenerationOutput:
         """Generate through the batching generator; `param` names the prompt field in errors."""
@@ -538,26 +567,51 @@ class Gateway:
         messages[last_user]["content"] = grounded_question(question, hits)
         return item.model_copy(update={"messages": messages}), hits
 
-    async def _answer(
-        self, item: GenerationInput, question: str, asked: Asked, param: str | None = None
-    ) -> tuple[GenerationOutput, str, Recall | None, list[Hit] | None]:
-        """The memory's correction if one matches, else the model's answer (grounded in the
-        docs when the profile's retrieval is on)."""
+    async def _route(self, question: str) -> tuple[str, float | None]:
+        """(x-flywheel-route, the similarity): `scope` for a question outside the champion's
+        domain when the profile sends those the scope reply, else `champion`; `off` when
+        routing is off or the domain is not known yet."""
+        if self.router is None:
+            return "off", None
+        verdict = await anyio.to_thread.run_sync(self.router.judge, question)
+        if verdict is None:
+            route, similarity = "off", None
+        else:
+            away = not verdict.in_domain and self.settings.routing.out_of_domain == "scope_reply"
+            route, similarity = ("scope" if away else "champion"), verdict.similarity
+        self.metrics.routes.labels(route).inc()
+        return route, similarity
+
+    async def _plan(self, item: GenerationInput, question: str, asked: Asked) -> Plan:
+        """A correction from the memory first; then, outside the champion's domain, the scope
+        reply; else the model, grounded in the docs when retrieval is on."""
+        memory, recall = await self._recall(question, asked.memory)
+        if recall is not None:
+            return Plan(item, memory, recall, fixed=recall.entry.answer)
+        route, similarity = await self._route(question)
+        if route == "scope":
+            return Plan(
+                item, memory, None, route, similarity, fixed=self.settings.routing.scope_reply
+            )
+        grounded, hits = self._ground(item, question, asked)
+        return Plan(grounded, memory, None, route, similarity, hits)
+
+    async def _answer(self, plan: Plan, param: str | None = None) -> GenerationOutput:
+        """The plan's fixed answer with the model's token counts, else the model's answer."""
         with tracer().start_as_current_span("flywheel.answer") as span:
-            status, recall = await self._recall(question, asked.memory)
-            span.set_attribute("flywheel.memory", status)
-            hits = None
-            if recall is None:
-                item, hits = self._ground(item, question, asked)
-                out = await self._generate(item, param)
+            span.set_attribute("flywheel.memory", plan.memory)
+            span.set_attribute("flywheel.route", plan.route)
+            if plan.fixed is None:
+                out = await self._generate(plan.item, param)
             else:
-                out = await self._counted(item, recall.entry.answer)
+                out = await self._counted(plan.item, plan.fixed)
                 _raise_for(out, param)
             span.set_attribute("flywheel.cache", out.cache)
-            return out, status, recall, hits
+            return out
 
     async def _counted(self, item: GenerationInput, answer: str) -> GenerationOutput:
-        """A remembered answer as an output, with the served model's token counts."""
+        """A fixed answer (a correction, the scope reply) as an output, with the served
+        model's token counts."""
         out = await with_connection_retry(
             lambda: self.generator.to_async.count_tokens(item=item, answer=answer)
         )
@@ -570,7 +624,7 @@ class Gateway:
         out: GenerationOutput,
         started: float,
         request_id: str,
-        recall: Recall | None = None,
+        plan: Plan,
     ) -> float:
         latency_ms = round((time.perf_counter() - started) * 1000, 1)
         stored = {
@@ -590,8 +644,10 @@ class Gateway:
                 completion_tokens=out.completion_tokens,
                 latency_ms=latency_ms,
                 confidence=out.confidence,
-                memory_entry=recall.entry.id if recall else None,
+                memory_entry=plan.recall.entry.id if plan.recall else None,
                 trace_id=current_trace_id(),
+                route=plan.route,
+                route_similarity=plan.similarity,
             )
         )
         self.metrics.generated_tokens.labels(out.model_version, endpoint).inc(out.completion_tokens)
@@ -610,9 +666,10 @@ class Gateway:
             top_p=req.top_p,
             stop=req.stop,
         )
-        out, status, recall, hits = await self._answer(item, req.prompt, asked, param="prompt")
+        plan = await self._plan(item, req.prompt, asked)
+        out = await self._answer(plan, param="prompt")
         request_id = f"gen-{uuid.uuid4().hex}"
-        latency = self._record("generate", req.prompt, out, started, request_id, recall)
+        latency = self._record("generate", req.prompt, out, started, request_id, plan)
         reply = GenerateResponse(
             text=out.text,
             request_id=request_id,
@@ -621,8 +678,9 @@ class Gateway:
             completion_tokens=out.completion_tokens,
             latency_ms=latency,
         )
-        headers = _answer_headers(status, out.cache, hits)
-        return JSONResponse({**reply.model_dump(), **_sources(hits)}, headers=headers)
+        return JSONResponse(
+            {**reply.model_dump(), **plan.sources()}, headers=plan.headers(out.cache)
+        )
 
     async def chat_completions(
         self, req: ChatCompletionRequest, asked: Asked = Asked()
@@ -688,25 +746,18 @@ class Gateway:
         asked: Asked,
     ) -> JSONResponse | StreamingResponse:
         """An OpenAI completion (chat or text), from the memory or the model, whole or streamed."""
+        plan = await self._plan(item, question, asked)
         if req.stream:
-            status, recall = await self._recall(question, asked.memory)
-            hits = None
-            if recall is None:
-                item, hits = self._ground(item, question, asked)
-            return await self._stream(
-                kind, item, prompt, request_id, started, limit, (status, recall, hits), req
-            )
-        out, status, recall, hits = await self._answer(item, question, asked)
-        self._record(kind, prompt, out, started, request_id, recall)
+            return await self._stream(kind, plan, prompt, request_id, started, limit, req)
+        out = await self._answer(plan)
+        self._record(kind, prompt, out, started, request_id, plan)
         build = chat_completion if kind == "chat" else text_completion
         reply = build(
             request_id, self.model_name, out.text, out.prompt_tokens, out.completion_tokens, limit
         )
-        if recall is not None:  # a correction is a whole answer, whatever its length
+        if plan.fixed is not None:  # a correction is a whole answer, whatever its length
             reply.choices[0].finish_reason = "stop"
-        return JSONResponse(
-            {**wire(reply), **_sources(hits)}, headers=_answer_headers(status, out.cache, hits)
-        )
+        return JSONResponse({**wire(reply), **plan.sources()}, headers=plan.headers(out.cache))
 
     async def _stream_outputs(self, item: GenerationInput) -> AsyncIterator[GenerationOutput]:
         buffer = ""
@@ -717,11 +768,12 @@ class Gateway:
                 if line.strip():
                     yield GenerationOutput.model_validate_json(line)
 
-    async def _memory_outputs(
-        self, item: GenerationInput, recall: Recall
+    async def _fixed_outputs(
+        self, item: GenerationInput, answer: str
     ) -> AsyncIterator[GenerationOutput]:
-        """A correction as a stream: the whole answer, then its token counts."""
-        counted = await self._counted(item, recall.entry.answer)
+        """A fixed answer (a correction, the scope reply) as a stream: the whole answer, then
+        its token counts."""
+        counted = await self._counted(item, answer)
         if counted.error:
             yield counted
             return
@@ -731,22 +783,24 @@ class Gateway:
     async def _stream(
         self,
         kind: str,
-        item: GenerationInput,
+        plan: Plan,
         prompt: str,
         request_id: str,
         started: float,
         limit: int,
-        answered: tuple[str, Recall | None, list[Hit] | None],
         req: OpenAIBody,
     ) -> StreamingResponse:
         """A stream of the answer; its first chunk carries the sources when grounded."""
-        memory_status, recall, hits = answered
-        outputs = self._memory_outputs(item, recall) if recall else self._stream_outputs(item)
+        outputs = (
+            self._stream_outputs(plan.item)
+            if plan.fixed is None
+            else self._fixed_outputs(plan.item, plan.fixed)
+        )
         first = await anext(outputs)
         _raise_for(first)  # fail before any byte is sent, as a normal 4xx
         self.metrics.time_to_first_token.labels(kind).observe(time.perf_counter() - started)
         self.set_version(first.model_version)
-        if recall is None:
+        if plan.fixed is None:
             self.metrics.response_cache.labels(first.cache).inc()
         created = int(time.time())
 
@@ -762,12 +816,12 @@ class Gateway:
             return sse(completion_chunk(request_id, self.model_name, created, text, finish))
 
         def opening(text: str) -> str:
-            if hits is None:
+            if plan.hits is None:
                 return event(text, role=True)
             chunk = chat_chunk(
                 request_id, self.model_name, created, ChoiceDelta(role="assistant", content=text)
             )
-            return sse(json.dumps({**wire(chunk), **_sources(hits)}))
+            return sse(json.dumps({**wire(chunk), **plan.sources()}))
 
         async def events() -> AsyncIterator[str]:
             text, last = first.text, first
@@ -780,7 +834,7 @@ class Gateway:
                     text += out.text
                     yield event(out.text)
                 last = out
-            finish = "stop" if recall else finish_reason(last.completion_tokens, limit)
+            finish = "stop" if plan.fixed else finish_reason(last.completion_tokens, limit)
             yield event("", finish=finish)
             if req.include_usage:
                 counts = (last.prompt_tokens, last.completion_tokens)
@@ -792,12 +846,9 @@ class Gateway:
                 completion_tokens=last.completion_tokens,
                 model_version=first.model_version,
             )
-            self._record(kind, prompt, final, started, request_id, recall)
+            self._record(kind, prompt, final, started, request_id, plan)
 
-        headers = {
-            "x-request-id": request_id,
-            **_answer_headers(memory_status, first.cache, hits),
-        }
+        headers = {"x-request-id": request_id, **plan.headers(first.cache)}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     def models(self) -> dict[str, Any]:

@@ -171,21 +171,21 @@ def free_port() -> int:
 def register_tiny_champion(home: Path, tiny_base, tiny_config) -> str:
     """Train a 2-step tiny adapter and register it as champion in `home`; returns its folder."""
     from components.evaluate.evaluation import Comparison
-    from components.records import Example, save_examples
+    from components.records import Example, read_jsonl, save_examples
     from components.registry.register import register_candidate
     from components.registry.tracking import RunLogger
     from components.train.finetune import finetune
 
     work = home / "work"
-    save_examples(
-        work / "train.jsonl", [Example(instruction=f"q{i}", output=f"a{i}") for i in range(8)]
-    )
+    support = read_jsonl(REPO_ROOT / "data/seed/support.jsonl")[:40]
+    save_examples(work / "train.jsonl", [Example(r["instruction"], r["output"]) for r in support])
     config = tiny_config.model_copy(
         update={"train": tiny_config.train.model_copy(update={"max_steps": 2})}
     )
     adapter = finetune(config, tiny_base, str(work / "train.jsonl"), None, work / "ft").adapter_dir
     better = Comparison("perplexity", "base", 1.0, 2.0, -1.0, -1.5, -0.5, 0.95)
     run = RunLogger.start("flywheel", "fixture", {"profile": "tiny"})
+    run.artifact(work / "train.jsonl", "data")  # its domain, for the monitor and the router
     register_candidate(
         run.run_id, tiny_config.registry.model_name, adapter, tiny_base, {"profile": "tiny"}, better
     )

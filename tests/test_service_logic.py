@@ -664,3 +664,51 @@ def test_grounded_answers_name_their_sources_on_every_chat_route(client_for, tmp
     reply = openai.chat.completions.create(model="flywheel-llm-tiny", **chat)
     assert reply.choices[0].message.content is not None
     assert reply.model_extra and reply.model_extra["sources"] == [source]
+
+
+def test_the_router_sends_off_topic_questions_the_scope_reply(client_for) -> None:
+    """With routing on, the champion answers questions of its domain (what it was trained on)
+    and off-topic ones get the profile's scope reply, whole and streamed; every answer says
+    where it went, and the inference log keeps the route and its similarity."""
+    import time
+
+    from components.config import RoutingConfig
+
+    routing = RoutingConfig(enabled=True, scope_reply="Only Flywheel questions, please.")
+    client = client_for(settings_update={"routing": routing})
+    gateway = client.gateway
+    assert client.post("/generate", json={"prompt": "hi", "max_new_tokens": 1}).status_code == 200
+    deadline = time.monotonic() + 120  # the served version is known now: its domain is fitted
+    while gateway.router.judge("hello") is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+    on_topic = client.post(
+        "/generate", json={"prompt": "How do I start a training run?", "max_new_tokens": 4}
+    )
+    off_topic = client.post(
+        "/generate", json={"prompt": "What's the secret to a good pad thai?", "max_new_tokens": 4}
+    )
+    assert on_topic.headers["x-flywheel-route"] == "champion"
+    assert on_topic.json()["text"] != routing.scope_reply
+    assert off_topic.headers["x-flywheel-route"] == "scope"
+    assert off_topic.json()["text"] == routing.scope_reply
+    assert off_topic.json()["completion_tokens"] > 0  # counted by the served tokenizer
+
+    chat = {"messages": [{"role": "user", "content": "Best banana bread recipe?"}], "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=chat) as stream:
+        assert stream.headers["x-flywheel-route"] == "scope"
+        pieces = [
+            json.loads(line.removeprefix("data: "))
+            for line in stream.iter_lines()
+            if line.startswith("data: {")
+        ]
+    text = "".join(p["choices"][0]["delta"].get("content") or "" for p in pieces if p["choices"])
+    assert text == routing.scope_reply
+    assert [p["choices"][0]["finish_reason"] for p in pieces if p["choices"]][-1] == "stop"
+
+    gateway.store.flush()
+    logged = {a.request_id: a for a in gateway.store.answers_since(0)}
+    route = logged[off_topic.json()["request_id"]]
+    assert route.route == "scope" and route.route_similarity < routing.min_similarity
+    kept = logged[on_topic.json()["request_id"]]
+    assert kept.route == "champion" and kept.route_similarity >= routing.min_similarity

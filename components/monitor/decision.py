@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from components.config import MonitorConfig
+from components.domain import DomainModel
 from components.inference_store import Answer
 from components.monitor.drift import DriftReport
 from components.monitor.feedback import FeedbackWindow, feedback_window
@@ -156,6 +157,11 @@ def drift_checks(drift: DriftReport | None, live: int, config: MonitorConfig) ->
             Check("prompt text drift (AUC)", None, f"> {config.max_domain_auc:g}", False, detail),
         ]
     terms = ", ".join(drift.live_terms[:6]) or "none"
+    routed = (
+        ""
+        if drift.out_of_domain_share is None
+        else f"; {drift.out_of_domain_share:.0%} outside the champion's domain (the router's view)"
+    )
     return [
         Check(
             "prompt length drift (KS)",
@@ -170,7 +176,7 @@ def drift_checks(drift: DriftReport | None, live: int, config: MonitorConfig) ->
             drift.domain_auc,
             f"> {config.max_domain_auc:g}",
             drift.domain_auc > config.max_domain_auc,
-            f"{drift.live} live vs {drift.reference} training prompts; live terms: {terms}",
+            f"{drift.live} live vs {drift.reference} training prompts; live terms: {terms}{routed}",
         ),
     ]
 
@@ -213,6 +219,7 @@ class Signals:
     reference_prompts: list[str]
     champion_version: str | None = None
     memory_waiting: int | None = None  # None: the memory is off
+    domain: DomainModel | None = None  # the router's, when the service routes
 
 
 def assess(
@@ -232,7 +239,7 @@ def assess(
     live = [a.prompt for a in signals.answers if a.prompt.strip()]
     drift = None
     if len(live) >= config.min_prompts and len(signals.reference_prompts) >= 2:
-        drift = prompt_drift(signals.reference_prompts, live, seed)
+        drift = prompt_drift(signals.reference_prompts, live, seed, signals.domain)
     baseline = state.latency_baselines.get(version or "")
     checks = [
         *service_checks(service, signals.unreachable, baseline, config),

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from components.domain import DomainModel
+
 MAX_REFERENCE = 2000
 
 
@@ -25,6 +27,8 @@ class DriftReport:
     length_p_value: float
     domain_auc: float
     live_terms: list[str] = field(default_factory=list)
+    # the share of live prompts the router sends away from the champion (when it routes)
+    out_of_domain_share: float | None = None
 
 
 def _words(texts: list[str]) -> list[int]:
@@ -58,8 +62,11 @@ def domain_classifier_auc(
     return auc, [str(terms[i]) for i in top if classifier.coef_[0][i] > 0]
 
 
-def prompt_drift(reference: list[str], live: list[str], seed: int = 0) -> DriftReport:
-    """Both drift tests; `live` needs at least 2 prompts (the caller sets a real minimum)."""
+def prompt_drift(
+    reference: list[str], live: list[str], seed: int = 0, domain: DomainModel | None = None
+) -> DriftReport:
+    """Both drift tests, and with the router's `domain` the share of live prompts it sends
+    away; `live` needs at least 2 prompts (the caller sets a real minimum)."""
     import random
     import statistics
 
@@ -81,4 +88,5 @@ def prompt_drift(reference: list[str], live: list[str], seed: int = 0) -> DriftR
         length_p_value=float(ks.pvalue),
         domain_auc=round(auc, 4),
         live_terms=terms,
+        out_of_domain_share=None if domain is None else domain.out_of_domain_share(live),
     )

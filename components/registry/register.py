@@ -117,6 +117,32 @@ def current_champion(model_name: str) -> Any | None:
         return None
 
 
+def training_prompts(run_id: str) -> list[str]:
+    """The prompts a training run trained on (its logged `data/train.jsonl`), cached under the
+    home folder: the champion's domain for the monitor's drift check and the router."""
+    import mlflow
+
+    from components.paths import flywheel_home
+    from components.records import read_jsonl
+    from components.registry.tracking import configure_mlflow
+
+    folder = flywheel_home() / "training-prompts" / f"run-{run_id}"
+    cached = list(folder.rglob("train.jsonl"))
+    path = (
+        cached[0]
+        if cached
+        else Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id,
+                artifact_path="data/train.jsonl",
+                dst_path=str(folder),
+                tracking_uri=configure_mlflow(),
+            )
+        )
+    )
+    return [r["instruction"] for r in read_jsonl(path)]
+
+
 def download_version(model_name: str, version: str, dest: Path) -> tuple[str, str]:
     """Fetch a registered version's adapter; returns (base model folder, adapter folder)."""
     import mlflow
