@@ -61,6 +61,15 @@ class FlywheelUser(HttpUser):
     def prompt(self) -> str:
         return random.choice(PROMPTS)
 
+    def chat_body(self, stream: bool) -> dict:
+        """An OpenAI chat request for one of the prompts."""
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": self.prompt()}],
+            "max_tokens": MAX_TOKENS,
+            "stream": stream,
+        }
+
     def rate(self, request_id: str | None) -> None:
         self.answered += 1
         if request_id is None or self.answered % RATE_EVERY:
@@ -87,11 +96,7 @@ class FlywheelUser(HttpUser):
     def chat(self) -> None:
         with self.client.post(
             "/v1/chat/completions",
-            json={
-                "model": self.model,
-                "messages": [{"role": "user", "content": self.prompt()}],
-                "max_tokens": MAX_TOKENS,
-            },
+            json=self.chat_body(stream=False),
             name="chat",
             catch_response=True,
         ) as response:
@@ -106,12 +111,7 @@ class FlywheelUser(HttpUser):
         first: float | None = None
         with self.client.post(
             "/v1/chat/completions",
-            json={
-                "model": self.model,
-                "messages": [{"role": "user", "content": self.prompt()}],
-                "max_tokens": MAX_TOKENS,
-                "stream": True,
-            },
+            json=self.chat_body(stream=True),
             name="chat stream",
             stream=True,
             catch_response=True,

@@ -145,11 +145,17 @@ def prefect_server():
 
 def prefect_cli(env: dict[str, str], *args: str, timeout: int = 120) -> str:
     """Run `prefect *args` at the repository root with `env`; fail with its output."""
+    return module_cli("prefect", env, *args, timeout=timeout)
+
+
+def module_cli(module: str, env: dict[str, str], *args: str, timeout: int = 120) -> str:
+    """Run `python -m <module> *args` at the repository root with `env`; fail with its
+    output; returns what it printed."""
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "prefect", *args],
+        [sys.executable, "-m", module, *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

