@@ -374,8 +374,8 @@ def flywheel_metrics() -> Metrics:
         ),
         routes=bentoml.metrics.Counter(
             name="flywheel_routes",
-            documentation="Questions by where the router sent them: champion, scope (the scope "
-            "reply), off (routing off, or the domain not known yet)",
+            documentation="Questions by where the router sent them (routing on): champion, "
+            "scope (the scope reply), off (the served version's domain not known yet)",
             labelnames=["route"],
         ),
     )
