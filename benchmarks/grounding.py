@@ -30,7 +30,7 @@ from components.evaluate.evaluation import (
 )
 from components.paths import flywheel_home
 from components.registry.register import download_version
-from components.retrieval.index import grounded_question, profile_index
+from components.retrieval.index import profile_index
 from components.serving.model import resolve_model_uri
 
 
@@ -47,12 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     top_k = args.top_k or index.top_k
     examples = load_frozen_test(config.data.test_path)[: config.eval.max_examples]
     grounded = [
-        replace(
-            e,
-            instruction=grounded_question(e.prompt(), index.search(e.prompt(), top_k)),
-            input="",
-        )
-        for e in examples
+        replace(e, instruction=index.ground(e.prompt(), top_k)[0], input="") for e in examples
     ]
     name, version = resolve_model_uri(f"models:/{config.registry.model_name}@champion")
     references = [e.output for e in examples]

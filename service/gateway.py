@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from components.config import MemoryConfig, ServeConfig
 from components.inference_store import InferenceRecord, InferenceStore, StoreBusy, UnknownRequest
 from components.memory.store import CorrectionMemory, CorrectionRejected, Recall
-from components.retrieval.index import DocsIndex, Hit, grounded_question
+from components.retrieval.index import DocsIndex, Hit
 from components.serving.api import (
     ApiError,
     ChatCompletionRequest,
@@ -560,11 +560,11 @@ class Gateway:
         request opted out (`x-flywheel-retrieval: off`)."""
         if self.docs is None or not asked.docs or item.messages is None:
             return item, None
-        hits = self.docs.search(question)
+        grounded, hits = self.docs.ground(question)
         self.metrics.retrieval_passages.observe(len(hits))
         messages = [dict(m) for m in item.messages]
         last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-        messages[last_user]["content"] = grounded_question(question, hits)
+        messages[last_user]["content"] = grounded
         return item.model_copy(update={"messages": messages}), hits
 
     async def _route(self, question: str) -> tuple[str, float | None]:

@@ -112,9 +112,11 @@ def test_an_empty_corpus_is_an_error() -> None:
 
 def test_the_grounded_question_carries_the_passages_and_the_question(tmp_path: Path) -> None:
     index = build_index(RetrievalConfig(corpus=[str(write_docs(tmp_path))]), [], 10)
-    hits = index.search("staging MLflow port", k=1)
-    grounded = grounded_question("Which port?", hits)
+    grounded, hits = index.ground("staging MLflow port", k=1)
+    assert [h.passage.title for h in hits] == ["Guide > Staging"]
     assert "[1] Guide > Staging" in grounded and "5077" in grounded
+    assert grounded.endswith("Question: staging MLflow port")
+    grounded = grounded_question("Which port?", hits)
     assert grounded.endswith("Question: Which port?")
     assert grounded_question("Which port?", []) == "Which port?"
 
@@ -134,7 +136,7 @@ def test_grounding_lets_the_real_model_answer_from_the_docs(tmp_path: Path) -> N
         tokenizer,
         [
             [{"role": "user", "content": question}],
-            [{"role": "user", "content": grounded_question(question, index.search(question, 2))}],
+            [{"role": "user", "content": index.ground(question, 2)[0]}],
         ],
         max_new_tokens=40,
     )

@@ -62,6 +62,12 @@ class DocsIndex:
             if float(s) > self.min_score
         ]
 
+    def ground(self, question: str, k: int | None = None) -> tuple[str, list[Hit]]:
+        """The question as the model is asked it, with the passages found for it, and those
+        passages (the service and the grounding benchmark both ask this way)."""
+        hits = self.search(question, k)
+        return grounded_question(question, hits), hits
+
 
 def build_index(config: RetrievalConfig, test_answers: list[str], ngram: int) -> DocsIndex:
     """The index of the corpus, without the passages that overlap a test answer."""
