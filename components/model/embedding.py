@@ -69,7 +69,17 @@ class SentenceEmbedder:
             return torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
 
-@functools.cache
+_BUILDING = threading.Lock()
+
+
 def sentence_embedder(name: str = BUILT_IN) -> SentenceEmbedder:
-    """One embedder per process and model."""
+    """One embedder per process and model. Built under a lock: threads asking at once (the
+    memory warming up beside the router) would otherwise import transformers' lazy modules
+    concurrently, which fails in one of them."""
+    with _BUILDING:
+        return _embedder(name)
+
+
+@functools.cache
+def _embedder(name: str) -> SentenceEmbedder:
     return SentenceEmbedder(name)
