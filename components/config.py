@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -210,13 +211,14 @@ class TracingConfig(StrictModel):
 
 class RoutingConfig(StrictModel):
     """Which answer a question gets: in the champion's domain (components/domain.py: at least
-    `min_similarity` to one of its training prompts) the champion's; outside it the
-    `scope_reply`, or the champion's anyway with `out_of_domain: champion` (judged and logged
-    only). Each decision and its similarity are logged per request."""
+    `min_similarity` to one of its training prompts) the champion's (or the canary's); outside
+    it the `scope_reply`, or the answer of the served model `out_of_domain` names (`general`,
+    say, for a model listed in `serve.models`; `champion` judges and logs only). Each decision
+    and its similarity are logged per request."""
 
     enabled: bool = False
     min_similarity: float = Field(default=0.3, gt=0, le=1)
-    out_of_domain: Literal["scope_reply", "champion"] = "scope_reply"
+    out_of_domain: str = "scope_reply"  # or the name of a model in `serve.models`
     scope_reply: str = Field(
         default="Sorry, I can only help with questions about Flywheel: training, evaluating, "
         "serving and monitoring its models.",
@@ -224,11 +226,38 @@ class RoutingConfig(StrictModel):
     )
 
 
+class CanaryConfig(StrictModel):
+    """Champion/challenger canary. With `enabled`, a version the offline gate promotes gets the
+    alias `canary` instead of `champion`; the deploy flow serves it beside the champion, and
+    `share` of the traffic the router gives the champion goes to it, sticky per user or
+    conversation when the client sends an id. The monitor compares the two on the same window:
+    the canary is rolled back when its thumbs-down rate is significantly higher
+    (`monitor.significance`) or its p95 latency more than `max_latency_factor` times the
+    champion's, and promoted once `min_feedback` of its answers are rated without either."""
+
+    enabled: bool = False
+    share: float = Field(default=0.1, gt=0, lt=1)
+    min_feedback: int = Field(default=20, gt=0)
+    min_requests: int = Field(default=20, gt=0)  # answers of each before latency is compared
+    max_latency_factor: float = Field(default=1.5, gt=1)
+
+
+MODEL_NAME = r"^[a-z][a-z0-9_-]{0,15}$"  # fits the inference log's route column
+
+
 class ServeConfig(StrictModel):
     """How the BentoML service serves the champion."""
 
     engine: EngineConfig = EngineConfig()
+    # The models the generator holds, by name: a registry alias of the profile's model
+    # (`@champion`), a registry URI (`models:/name/3`), or `base`: the base model without an
+    # adapter (a general model for questions outside the champion's domain). A request names
+    # one in `model`; otherwise the router and the canary choose. `champion` is required;
+    # `canary` is the canary's (`canary.enabled`), loaded while the registry has that alias.
+    models: dict[str, str] = {"champion": "@champion"}
+    memory_budget_gb: float | None = Field(default=None, gt=0)  # weights + KV caches, all models
     routing: RoutingConfig = RoutingConfig()
+    canary: CanaryConfig = CanaryConfig()
     cache: ResponseCacheConfig = ResponseCacheConfig()
     tracing: TracingConfig = TracingConfig()
     port: int = Field(default=3000, gt=0, lt=65536)
@@ -243,6 +272,27 @@ class ServeConfig(StrictModel):
     log_prompts: Literal["full", "redacted", "off"] = "full"
     warmup: bool = True
     deploy_on_promotion: bool = False
+
+    @model_validator(mode="after")
+    def _named_models(self) -> ServeConfig:
+        if "champion" not in self.models:
+            raise ValueError("serve.models must name a `champion`")
+        if "canary" in self.models:
+            raise ValueError("serve.models: `canary` is the canary's (serve.canary), not a name")
+        for name, source in self.models.items():
+            if not re.match(MODEL_NAME, name):
+                raise ValueError(f"serve.models: {name!r} is not a model name ({MODEL_NAME})")
+            if source != "base" and not source.startswith(("@", "models:/")):
+                raise ValueError(
+                    f"serve.models.{name}: {source!r} is not `@<alias>`, `models:/...` or `base`"
+                )
+        target = self.routing.out_of_domain
+        if target != "scope_reply" and target not in self.models:
+            raise ValueError(
+                f"serve.routing.out_of_domain: {target!r} is neither `scope_reply` nor a model "
+                f"in serve.models ({', '.join(self.models)})"
+            )
+        return self
 
 
 class MonitorConfig(StrictModel):

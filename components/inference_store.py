@@ -49,7 +49,7 @@ class InferenceRecord:
     confidence: float | None = None
     memory_entry: str | None = None  # the correction-memory entry that answered, if one did
     trace_id: str | None = None  # the request's OpenTelemetry trace (32 hex digits)
-    route: str | None = None  # where the router sent it: champion, scope, off
+    route: str | None = None  # where the router sent it: champion, scope, a model's name, off
     route_similarity: float | None = None  # to the champion's nearest training prompt
 
 

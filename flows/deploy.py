@@ -3,7 +3,11 @@ quality), start or hot-swap the service to it, smoke test, and on any failure re
 previous champion and serving model, failing the run.
 Once the version serves, memory entries its weights now state are retired.
 
-    python -m flows.deploy --model flywheel-llm --version 3 --profile cpu-small
+With `--canary` the version is served beside the champion as `canary` (serve.canary.share of
+the traffic) until the monitor promotes it or rolls it back; a canary that fails its smoke
+test is withdrawn.
+
+    python -m flows.deploy --model flywheel-llm --version 3 --profile cpu-small [--canary]
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.config import load_profile
 from components.memory.retire import retire_learned
+from components.registry.register import CANARY, CHAMPION
 from components.serving.deploy import (
     DeployError,
     DeployResult,
     client_auth,
     roll_back,
     roll_out,
+    withdraw_canary,
 )
 from components.serving.deploy import smoke_test as run_smoke_test
 from components.serving.model import prepare_version
@@ -36,13 +42,15 @@ def prepare(model_name: str, version: str, profile: str) -> str:
 
 
 @task
-def release(model_name: str, version: str, profile: str, port: int) -> tuple[str, str]:
-    return roll_out(model_name, version, profile, port)
+def release(
+    model_name: str, version: str, profile: str, port: int, served_as: str
+) -> tuple[str, str]:
+    return roll_out(model_name, version, profile, port, served_as)
 
 
 @task
-def smoke(url: str, version: str) -> float:
-    return run_smoke_test(url, version)
+def smoke(url: str, version: str, served_as: str) -> float:
+    return run_smoke_test(url, version, served_as)
 
 
 @task
@@ -67,6 +75,24 @@ def restore(model_name: str, previous: str | None, profile: str, port: int, acti
     return roll_back(model_name, previous, profile, port, action)
 
 
+@task
+def withdraw(model_name: str, version: str, port: int, why: str) -> str:
+    return withdraw_canary(model_name, version, port, why)
+
+
+@task
+def start_canary(model_name: str, version: str) -> None:
+    """Mark when the canary began: the monitor compares it with the champion from then on."""
+    import time
+
+    from components.registry.register import CANARY
+    from components.registry.tracking import mlflow_client
+
+    client = mlflow_client()
+    client.set_registered_model_alias(model_name, CANARY, version)
+    client.set_model_version_tag(model_name, version, "canary.started_at", f"{time.time():.0f}")
+
+
 @flow(name="deploy", log_prints=True)
 def deploy(
     model_name: str,
@@ -74,26 +100,40 @@ def deploy(
     profile: str = "cpu-small",
     previous_champion: str | None = None,
     port: int | None = None,
+    canary: bool = False,
 ) -> dict:
-    """Serve `model_name` version `version`; roll back to `previous_champion` on failure."""
+    """Serve `model_name` version `version` (as champion, or as the canary); on failure roll
+    back to `previous_champion`, or withdraw the canary."""
     port = port or load_profile(profile).serve.port
     url, action = f"http://127.0.0.1:{port}", "swapped"
+    served_as = CANARY if canary else CHAMPION
     engine = prepare(model_name, version, profile)
+    if canary:
+        start_canary(model_name, version)
     try:
-        url, action = release(model_name, version, profile, port)
-        latency = smoke(url, version)
+        url, action = release(model_name, version, profile, port, served_as)
+        latency = smoke(url, version, served_as)
     except DeployError as exc:
-        restored = restore(model_name, previous_champion, profile, port, action)
+        restored = (
+            withdraw(model_name, version, port, f"deploy failed: {exc}")
+            if canary
+            else restore(model_name, previous_champion, profile, port, action)
+        )
         create_markdown_artifact(
             f"## Deploy of {model_name} v{version} failed\n- reason: {exc}\n- {restored}",
             key="deploy",
             description="Deploy and rollback",
         )
         raise DeployError(f"{exc}; {restored}") from None
-    memory = retire_memory(profile, url, version)
-    result = DeployResult(model_name, version, url, action, latency, memory)
+    share = load_profile(profile).serve.canary.share
+    memory = (
+        f"memory: kept (the canary answers {share:.0%} of the traffic)"
+        if canary
+        else retire_memory(profile, url, version)
+    )
+    result = DeployResult(model_name, version, url, action, latency, memory, served_as)
     create_markdown_artifact(
-        f"## {model_name} v{version} is serving\n- {action} at {url}\n"
+        f"## {model_name} v{version} is serving as {served_as}\n- {action} at {url}\n"
         f"- {engine}\n- smoke test: one generation in {latency:.0f} ms\n- {memory}",
         key="deploy",
         description="Deploy and rollback",
@@ -108,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", required=True)
     parser.add_argument("--profile", default="cpu-small")
     parser.add_argument("--previous", default=None, help="version to restore on failure")
+    parser.add_argument(
+        "--canary", action="store_true", help="serve it beside the champion as the canary"
+    )
     args = parser.parse_args(argv)
-    deploy(args.model, args.version, args.profile, args.previous)
+    deploy(args.model, args.version, args.profile, args.previous, canary=args.canary)
     return 0
 
 

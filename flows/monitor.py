@@ -7,6 +7,10 @@ or the scheduled deployment `monitor/<profile>` (see prefect.yaml). A retrain st
 `training-pipeline/<profile>` deployment (`run_deployment`), or, when no such deployment
 exists, runs the training flow in this process. Either way the new version is deployed to the
 running service if the gate promotes it. A cooldown and a lock keep retrains one at a time.
+
+While a canary serves (`serve.canary`), each cycle first compares it with the champion on the
+same window and promotes it or rolls it back (components/monitor/canary.py), recording why on
+the version like the gate does.
 """
 
 from __future__ import annotations
@@ -38,6 +42,49 @@ from flows.reports import slug
 RetrainMode = Literal["auto", "deployment", "in-process", "off"]
 
 
+@task
+def review_canary(config: PipelineConfig, profile: str, url: str) -> dict[str, Any] | None:
+    """The canary's verdict (None: no canary), acted on: a promoted canary is deployed as
+    champion (the deploy flow: swap, smoke test, memory), a rolled-back one withdrawn."""
+    from urllib.parse import urlparse
+
+    from components.monitor.canary import judge_canary
+    from components.registry.register import CANARY, current_champion, version_at
+    from components.serving.deploy import DeployError, end_canary
+    from flows.deploy import deploy
+
+    name = config.registry.model_name
+    canary, champion = version_at(name, CANARY), current_champion(name)
+    if canary is None or champion is None:
+        return None
+    since = float(canary.tags.get("canary.started_at", canary.creation_timestamp / 1000))
+    with InferenceStore() as store:
+        answers = store.answers_since(since)
+    verdict = judge_canary(
+        answers, str(canary.version), str(champion.version), config.serve.canary, config.monitor
+    )
+    get_run_logger().info("canary: %s (%s)", verdict.action, verdict.reason)
+    outcome: dict[str, Any] = verdict.to_dict()
+    if verdict.action == "wait":
+        return outcome
+    decision, reason = "rolled back", verdict.reason
+    if verdict.action == "promote":
+        try:
+            port = urlparse(url).port or config.serve.port
+            deploy(name, str(canary.version), profile, str(champion.version), port=port)
+            decision = "promoted"
+        except DeployError as exc:
+            reason = f"{verdict.reason}; promotion failed: {exc}"
+    outcome["done"] = end_canary(name, str(canary.version), url, decision, reason)
+    outcome["decision"] = decision
+    create_markdown_artifact(
+        f"## Canary v{canary.version}: {decision}\n- {reason}\n- {outcome['done']}",
+        key=f"canary-{slug(config.name)}",
+        description="Canary verdict",
+    )
+    return outcome
+
+
 def service_url(config: PipelineConfig) -> str:
     """`FLYWHEEL_SERVICE_URL`, else the profile's `monitor.service_url`, else localhost."""
     return (
@@ -59,12 +106,18 @@ def read_metrics(url: str) -> Scrape:
 @task
 def reference_prompts(config: PipelineConfig) -> tuple[list[str], str | None]:
     """The champion's training prompts (logged with its run), and the champion's version."""
+    from mlflow.exceptions import MlflowException
+
     from components.registry.register import current_champion, training_prompts
 
     champion = current_champion(config.registry.model_name)
     if champion is None:
         return [], None
-    return training_prompts(champion.run_id), str(champion.version)
+    try:
+        return training_prompts(champion.run_id), str(champion.version)
+    except MlflowException as exc:  # a version registered from a run that logged no data
+        get_run_logger().warning("no training prompts for the champion's domain: %s", exc)
+        return [], str(champion.version)
 
 
 @task
@@ -293,6 +346,7 @@ def monitor(
     path = state_path(config)
     state = MonitorState.load(path)
     url = service_url(config)
+    canary = review_canary(config, profile, url) if config.serve.canary.enabled else None
     signals = gather(config, state, url)
     running = running_retrain(f"training-pipeline/{config.name}")
     if running is None and lock_is_held(config):
@@ -307,6 +361,7 @@ def monitor(
         "decision": decision.to_dict(),
         "mlflow_run_id": mlflow_run,
         "service_url": url,
+        "canary": canary,
     }
     if decision.retrain:
         emit_retrain_event(config, decision)
@@ -346,9 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
     args = parser.parse_args(argv)
     outcome = monitor(profile=args.profile, retrain=args.retrain, wait_for_retrain=args.wait)
-    print(
-        json.dumps(outcome, indent=1, default=str) if args.json else describe(outcome["decision"])
-    )
+    if args.json:
+        print(json.dumps(outcome, indent=1, default=str))
+    else:
+        if canary := outcome["canary"]:
+            print(f"canary: {canary.get('decision', 'wait')}: {canary['reason']}")
+        print(describe(outcome["decision"]))
     return 0
 
 

@@ -10,7 +10,12 @@ from components.evaluate.evaluation import EvalResult
 from components.model.base_model import BaseModelRef
 from components.paths import tracking_uri
 from components.registry.model_card import CardFacts, render_model_card
-from components.registry.register import LiveEvidence, RegisterResult, register_candidate
+from components.registry.register import (
+    CHAMPION,
+    LiveEvidence,
+    RegisterResult,
+    register_candidate,
+)
 from components.registry.tracking import RunLogger, mlflow_client
 from flows.reports import publish_gate_report, publish_model_card
 
@@ -24,9 +29,10 @@ def register_version(
     tags: dict[str, str],
     evaluation: EvalResult,
     live: LiveEvidence | None,
+    promote_to: str,
 ) -> RegisterResult:
     return register_candidate(
-        run_id, model_name, adapter_dir, base, tags, evaluation.comparison, live
+        run_id, model_name, adapter_dir, base, tags, evaluation.comparison, live, promote_to
     )
 
 
@@ -39,14 +45,23 @@ def register_stage(
     evaluation: EvalResult,
     run_id: str,
     live: LiveEvidence | None = None,
+    promote_to: str = CHAMPION,
 ) -> RegisterResult:
-    """Register the candidate; the gate promotes it to champion only if clearly better."""
+    """Register the candidate; the gate promotes it (to `promote_to`: champion, or canary)
+    only if clearly better."""
     metric_tags = {
         f"eval.{metric}": f"{s['value']:.4f}"
         for metric, s in evaluation.scores["candidate"].items()
     }
     result = register_version(
-        run_id, model_name, adapter_dir, base, {**lineage, **metric_tags}, evaluation, live
+        run_id,
+        model_name,
+        adapter_dir,
+        base,
+        {**lineage, **metric_tags},
+        evaluation,
+        live,
+        promote_to,
     )
     RunLogger(run_id).tags(
         {

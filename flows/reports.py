@@ -61,7 +61,8 @@ def publish_eval_report(profile: str, result: Any) -> None:
 
 
 def publish_gate_report(profile: str, registered: Any, mlflow_uri: str) -> None:
-    verdict = "promoted to **champion**" if registered.gate.promote else "not promoted"
+    promoted_to = registered.aliases[-1]  # champion, or canary
+    verdict = f"promoted to **{promoted_to}**" if registered.gate.promote else "not promoted"
     text = "\n".join(
         [
             f"## {registered.model_name} version {registered.version}: {verdict}",

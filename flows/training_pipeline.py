@@ -25,7 +25,7 @@ from components.model.base_model import BaseModelRef, resolve_base_model
 from components.monitor.pushed import report_retrain
 from components.paths import flywheel_home, tracking_uri
 from components.registry.model_card import CardFacts
-from components.registry.register import LiveEvidence
+from components.registry.register import CANARY, CHAMPION, LiveEvidence
 from components.registry.tracking import RunLogger, git_commit
 from flows.data_prep import data_prep
 from flows.deploy import deploy
@@ -41,6 +41,7 @@ class PipelineSummary:
     model_name: str
     version: str
     promoted: bool
+    promoted_to: str | None  # champion, or canary (serve.canary)
     reason: str
     gate_rule: str  # "two-sided", or "frozen" for a first model or a small live set
     scores: dict[str, dict[str, dict[str, float]]]
@@ -167,6 +168,7 @@ def training_pipeline(
             evaluated.frozen,
             run.run_id,
             live,
+            CANARY if config.serve.canary.enabled else CHAMPION,
         )
         record_model_card(
             CardFacts(
@@ -190,7 +192,11 @@ def training_pipeline(
         deployed_url = None
         if registered.gate.promote and deploy_if_promoted:
             deployed = deploy(
-                registered.model_name, registered.version, profile, registered.previous_champion
+                registered.model_name,
+                registered.version,
+                profile,
+                registered.previous_champion,
+                canary=config.serve.canary.enabled,
             )
             deployed_url = deployed["url"]
             run.tags({"deployed_at": deployed_url})
@@ -204,6 +210,7 @@ def training_pipeline(
         model_name=registered.model_name,
         version=registered.version,
         promoted=registered.gate.promote,
+        promoted_to=registered.aliases[-1] if registered.gate.promote else None,
         reason=registered.gate.reason,
         gate_rule=registered.gate.rule,
         scores=evaluated.frozen.scores,
@@ -219,7 +226,7 @@ def format_summary(summary: PipelineSummary) -> str:
     """What happened and where to look, for the terminal."""
     lines = [
         f"\n{summary.model_name} version {summary.version} "
-        f"({'promoted to champion' if summary.promoted else 'challenger only'}) "
+        f"({f'promoted to {summary.promoted_to}' if summary.promoted else 'challenger only'}) "
         f"in {summary.seconds:.0f}s",
         f"  gate: {summary.reason}",
         "  frozen test split (value [95% CI]):",

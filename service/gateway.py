@@ -56,6 +56,7 @@ from components.serving.api import (
     wire,
 )
 from components.serving.auth import admin_key, api_key
+from components.serving.fleet import CHAMPION
 from components.serving.model import (
     GenerationInput,
     GenerationOutput,
@@ -71,7 +72,8 @@ log = logging.getLogger("flywheel.service")
 MEMORY_HEADER = "x-flywheel-memory"  # hit, miss or off on every generation response
 CACHE_HEADER = "x-flywheel-cache"  # hit, miss, error or off: what the response cache did
 RETRIEVAL_HEADER = "x-flywheel-retrieval"  # on (the docs were searched) or off
-ROUTE_HEADER = "x-flywheel-route"  # champion, scope (the scope reply) or off (not judged)
+ROUTE_HEADER = "x-flywheel-route"  # champion, scope, another model's name, or off (not judged)
+MODEL_HEADER = "x-flywheel-model"  # the name of the served model that answered
 RETRY_AFTER_S = 2  # what 429 and 503 answers ask clients to wait
 ENDPOINTS = {
     "/generate": "generate",
@@ -92,7 +94,8 @@ def playground_html() -> str:
 
 
 class CurrentVersion:
-    """The served model version, shared with the header middleware of this process."""
+    """The champion's version, shared with the header middleware of this process (for the
+    responses no model answered)."""
 
     value = ""
 
@@ -174,9 +177,11 @@ class ServiceEdge:
 
 
 def _edge_headers(headers: list[tuple[bytes, bytes]], status: int) -> list[tuple[bytes, bytes]]:
-    ours = {b"x-model-version", TRACE_HEADER.encode()}
-    kept = [(k, v) for k, v in headers if k.lower() not in ours]
-    kept.append((b"x-model-version", CurrentVersion.value.encode() or b"none"))
+    """`x-model-version` (the version that answered, else the champion's), the trace id, and
+    `Retry-After` on 429 and 503."""
+    kept = [(k, v) for k, v in headers if k.lower() != TRACE_HEADER.encode()]
+    if not any(k.lower() == b"x-model-version" for k, _ in kept):
+        kept.append((b"x-model-version", CurrentVersion.value.encode() or b"none"))
     if trace_id := current_trace_id():
         kept.append((TRACE_HEADER.encode(), trace_id.encode()))
     if status in (429, 503) and not any(k.lower() == b"retry-after" for k, _ in kept):
@@ -311,6 +316,7 @@ class Metrics:
     response_cache: Any
     retrieval_passages: Any
     routes: Any
+    answers: Any
 
 
 @functools.cache
@@ -375,8 +381,14 @@ def flywheel_metrics() -> Metrics:
         routes=bentoml.metrics.Counter(
             name="flywheel_routes",
             documentation="Questions by where the router sent them (routing on): champion, "
-            "scope (the scope reply), off (the served version's domain not known yet)",
+            "scope (the scope reply), the out-of-domain model's name, off (the served "
+            "version's domain not known yet)",
             labelnames=["route"],
+        ),
+        answers=bentoml.metrics.Counter(
+            name="flywheel_answers",
+            documentation="Answers by the served model that gave them (champion, canary, ...)",
+            labelnames=["model", "model_version"],
         ),
     )
 
@@ -405,10 +417,16 @@ def _as_output(value: Any) -> GenerationOutput:
 
 
 def _raise_for(out: GenerationOutput, param: str | None = None) -> None:
+    """The generator's error as an API error; `param` names this route's prompt field where
+    the generator speaks of the prompt it was given (`/generate` sends its prompt as messages)."""
     if out.error:
         code = out.error_code or "invalid_request_error"
-        field = (param or out.error_param) if out.error_status < 500 else None
-        raise ApiError(out.error_status, out.error, param=field, code=code)
+        field = out.error_param
+        if param and field in ("messages", "prompt"):
+            field = param
+        raise ApiError(
+            out.error_status, out.error, param=field if out.error_status < 500 else None, code=code
+        )
 
 
 @dataclass(frozen=True)
@@ -428,15 +446,18 @@ class Plan:
     item: GenerationInput
     memory: str  # x-flywheel-memory: hit, miss or off
     recall: Recall | None = None
-    route: str = "off"  # x-flywheel-route: champion, scope or off
+    route: str = "off"  # x-flywheel-route: champion, scope, another model's name, or off
     similarity: float | None = None  # to the champion's nearest training prompt
     hits: list[Hit] | None = None
     fixed: str | None = None
 
-    def headers(self, cache: str) -> dict[str, str]:
+    def headers(self, out: GenerationOutput) -> dict[str, str]:
+        """The answer's headers, given the output of the model that answered."""
         return {
+            "x-model-version": out.model_version,
+            MODEL_HEADER: out.model,
             MEMORY_HEADER: self.memory,
-            CACHE_HEADER: cache,
+            CACHE_HEADER: out.cache,
             RETRIEVAL_HEADER: "off" if self.hits is None else "on",
             ROUTE_HEADER: self.route,
         }
@@ -490,14 +511,11 @@ class Gateway:
             raise ApiError(422, f"{param} must be at most {limit}", param=param)
         return value
 
-    def _check_model(self, model: str | None) -> None:
-        if model and model not in (self.model_name, f"{self.model_name}:{CurrentVersion.value}"):
-            raise ApiError(
-                404,
-                f"model '{model}' is not served here; GET /v1/models lists '{self.model_name}'",
-                param="model",
-                code="model_not_found",
-            )
+    def _chosen(self, model: str | None) -> str | None:
+        """The served model a request names, or None to let the router (and the canary)
+        choose: the registered model's name means the latter. The generator answers 404 for
+        a name it does not serve."""
+        return None if model in (None, self.model_name) else model
 
     def _check_prompt(self, text: str, param: str) -> None:
         if len(text) > self.settings.max_prompt_chars:
@@ -521,6 +539,7 @@ class Gateway:
         self.set_version(version)
 
     def set_version(self, version: str) -> None:
+        """The champion serves `version` (the router learns its domain)."""
         if version and version != CurrentVersion.value:
             if CurrentVersion.value:
                 self.metrics.model_version.labels(self.model_name, CurrentVersion.value).set(0)
@@ -536,9 +555,13 @@ class Gateway:
         )
         out = _as_output(results[0])
         _raise_for(out, param)
-        self.set_version(out.model_version)
+        self._answered_by(out)
         self.metrics.response_cache.labels(out.cache).inc()
         return out
+
+    def _answered_by(self, out: GenerationOutput) -> None:
+        if out.model == CHAMPION:
+            self.set_version(out.model_version)
 
     async def _recall(self, question: str, use_memory: bool) -> tuple[str, Recall | None]:
         """(x-flywheel-memory value, the entry that answers): the memory is consulted unless
@@ -568,31 +591,35 @@ class Gateway:
         return item.model_copy(update={"messages": messages}), hits
 
     async def _route(self, question: str) -> tuple[str, float | None]:
-        """(x-flywheel-route, the similarity): `scope` for a question outside the champion's
-        domain when the profile sends those the scope reply, else `champion`; `off` when
-        routing is off or the domain is not known yet."""
+        """(x-flywheel-route, the similarity): for a question outside the champion's domain
+        `scope` (the scope reply) or the name of the model the profile sends those to, else
+        `champion`; `off` when routing is off or the domain is not known yet."""
         if self.router is None:
             return "off", None
         verdict = await anyio.to_thread.run_sync(self.router.judge, question)
         if verdict is None:
             route, similarity = "off", None
         else:
-            away = not verdict.in_domain and self.settings.routing.out_of_domain == "scope_reply"
-            route, similarity = ("scope" if away else "champion"), verdict.similarity
+            away = self.settings.routing.out_of_domain
+            route = CHAMPION if verdict.in_domain else "scope" if away == "scope_reply" else away
+            similarity = verdict.similarity
         self.metrics.routes.labels(route).inc()
         return route, similarity
 
     async def _plan(self, item: GenerationInput, question: str, asked: Asked) -> Plan:
-        """A correction from the memory first; then, outside the champion's domain, the scope
-        reply; else the model, grounded in the docs when retrieval is on."""
+        """A correction from the memory first; then, unless the request named its model, the
+        router: outside the champion's domain the scope reply or the model it sends those to;
+        then the model, grounded in the docs when retrieval is on."""
         memory, recall = await self._recall(question, asked.memory)
         if recall is not None:
             return Plan(item, memory, recall, fixed=recall.entry.answer)
-        route, similarity = await self._route(question)
+        route, similarity = ("off", None) if item.model else await self._route(question)
         if route == "scope":
             return Plan(
                 item, memory, None, route, similarity, fixed=self.settings.routing.scope_reply
             )
+        if route not in (CHAMPION, "off"):
+            item = item.model_copy(update={"model": route, "routed": True})
         grounded, hits = self._ground(item, question, asked)
         return Plan(grounded, memory, None, route, similarity, hits)
 
@@ -652,6 +679,7 @@ class Gateway:
         )
         self.metrics.generated_tokens.labels(out.model_version, endpoint).inc(out.completion_tokens)
         self.metrics.prompt_tokens.labels(out.model_version, endpoint).inc(out.prompt_tokens)
+        self.metrics.answers.labels(out.model, out.model_version).inc()
         return latency_ms
 
     # -- routes ----------------------------------------------------------------------------
@@ -665,6 +693,8 @@ class Gateway:
             temperature=req.temperature,
             top_p=req.top_p,
             stop=req.stop,
+            model=self._chosen(req.model),
+            user=req.user,
         )
         plan = await self._plan(item, req.prompt, asked)
         out = await self._answer(plan, param="prompt")
@@ -678,15 +708,12 @@ class Gateway:
             completion_tokens=out.completion_tokens,
             latency_ms=latency,
         )
-        return JSONResponse(
-            {**reply.model_dump(), **plan.sources()}, headers=plan.headers(out.cache)
-        )
+        return JSONResponse({**reply.model_dump(), **plan.sources()}, headers=plan.headers(out))
 
     async def chat_completions(
         self, req: ChatCompletionRequest, asked: Asked = Asked()
     ) -> JSONResponse | StreamingResponse:
         started = time.perf_counter()
-        self._check_model(req.model)
         messages = [m.model_dump() for m in req.messages]
         prompt = "\n".join(m["content"] for m in messages)
         self._check_prompt(prompt, "messages")
@@ -698,6 +725,8 @@ class Gateway:
             temperature=req.temperature,
             top_p=req.top_p,
             stop=req.stop,
+            model=self._chosen(req.model),
+            user=req.user,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         users = [m["content"] for m in messages if m["role"] == "user"]
@@ -710,7 +739,6 @@ class Gateway:
         self, req: CompletionRequest, asked: Asked = Asked()
     ) -> JSONResponse | StreamingResponse:
         started = time.perf_counter()
-        self._check_model(req.model)
         self._check_prompt(req.prompt, "prompt")
         limit = self._max_tokens(req.max_tokens, "max_tokens")
         item = GenerationInput(
@@ -719,6 +747,8 @@ class Gateway:
             temperature=req.temperature,
             top_p=req.top_p,
             stop=req.stop,
+            model=self._chosen(req.model),
+            user=req.user,
         )
         request_id = f"cmpl-{uuid.uuid4().hex}"
         return await self._complete(
@@ -752,12 +782,11 @@ class Gateway:
         out = await self._answer(plan)
         self._record(kind, prompt, out, started, request_id, plan)
         build = chat_completion if kind == "chat" else text_completion
-        reply = build(
-            request_id, self.model_name, out.text, out.prompt_tokens, out.completion_tokens, limit
-        )
+        model = req.model or self.model_name
+        reply = build(request_id, model, out.text, out.prompt_tokens, out.completion_tokens, limit)
         if plan.fixed is not None:  # a correction is a whole answer, whatever its length
             reply.choices[0].finish_reason = "stop"
-        return JSONResponse({**wire(reply), **plan.sources()}, headers=plan.headers(out.cache))
+        return JSONResponse({**wire(reply), **plan.sources()}, headers=plan.headers(out))
 
     async def _stream_outputs(self, item: GenerationInput) -> AsyncIterator[GenerationOutput]:
         buffer = ""
@@ -799,10 +828,11 @@ class Gateway:
         first = await anext(outputs)
         _raise_for(first)  # fail before any byte is sent, as a normal 4xx
         self.metrics.time_to_first_token.labels(kind).observe(time.perf_counter() - started)
-        self.set_version(first.model_version)
+        self._answered_by(first)
         if plan.fixed is None:
             self.metrics.response_cache.labels(first.cache).inc()
         created = int(time.time())
+        model = req.model or self.model_name
 
         def event(text: str, finish: Any = None, role: bool = False) -> str:
             if kind == "chat":
@@ -812,14 +842,14 @@ class Gateway:
                     delta = ChoiceDelta(role="assistant", content=text)
                 else:
                     delta = ChoiceDelta(content=text)
-                return sse(chat_chunk(request_id, self.model_name, created, delta, finish))
-            return sse(completion_chunk(request_id, self.model_name, created, text, finish))
+                return sse(chat_chunk(request_id, model, created, delta, finish))
+            return sse(completion_chunk(request_id, model, created, text, finish))
 
         def opening(text: str) -> str:
             if plan.hits is None:
                 return event(text, role=True)
             chunk = chat_chunk(
-                request_id, self.model_name, created, ChoiceDelta(role="assistant", content=text)
+                request_id, model, created, ChoiceDelta(role="assistant", content=text)
             )
             return sse(json.dumps({**wire(chunk), **plan.sources()}))
 
@@ -838,25 +868,44 @@ class Gateway:
             yield event("", finish=finish)
             if req.include_usage:
                 counts = (last.prompt_tokens, last.completion_tokens)
-                yield sse(usage_chunk(kind, request_id, self.model_name, created, *counts))
+                yield sse(usage_chunk(kind, request_id, model, created, *counts))
             yield sse("[DONE]")
             final = GenerationOutput(
                 text=text,
                 prompt_tokens=last.prompt_tokens,
                 completion_tokens=last.completion_tokens,
                 model_version=first.model_version,
+                model=first.model,
             )
             self._record(kind, prompt, final, started, request_id, plan)
 
-        headers = {"x-request-id": request_id, **plan.headers(first.cache)}
+        headers = {"x-request-id": request_id, **plan.headers(first)}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [wire(model_card(self.model_name, CurrentVersion.value))]}
+    async def _served(self) -> list[dict[str, Any]]:
+        """The generator's models (name, version, engine, memory, or why not ready)."""
+        rows = await with_connection_retry(lambda: self.generator.to_async.models())
+        return [dict(row) for row in rows]
 
-    def model(self, model_id: str) -> dict[str, Any]:
-        self._check_model(model_id)
-        return wire(model_card(self.model_name, CurrentVersion.value))
+    async def models(self) -> dict[str, Any]:
+        """The registered model's name (the router and the canary choose), then each served
+        model by its name; a request's `model` may be any of them."""
+        cards = [model_card(self.model_name, CurrentVersion.value)]
+        for row in await self._served():
+            extra = {k: row[k] for k in ("ready", "engine", "memory_gb", "error") if k in row}
+            cards.append(model_card(row["name"], row.get("version", ""), **extra))
+        return {"object": "list", "data": [wire(card) for card in cards]}
+
+    async def model(self, model_id: str) -> dict[str, Any]:
+        for card in (await self.models())["data"]:
+            if card["id"] == model_id:
+                return dict(card)
+        raise ApiError(
+            404,
+            f"model '{model_id}' is not served here; GET /v1/models lists them",
+            param="model",
+            code="model_not_found",
+        )
 
     async def feedback(self, req: FeedbackRequest, client: str = "") -> FeedbackResponse:
         def store_it() -> tuple[Any, bool, InferenceRecord | None]:
@@ -919,13 +968,23 @@ class Gateway:
 
     async def reload(self, req: ReloadRequest) -> dict[str, Any]:
         try:
-            info = await self.generator.to_async.reload(model_uri=req.model_uri)
+            info = await self.generator.to_async.reload(model_uri=req.model_uri, model=req.model)
         except Exception as exc:
             raise ApiError(
                 422,
-                f"cannot load {req.model_uri}: {exc}",
+                f"cannot load {req.model_uri} as {req.model}: {exc}",
                 param="model_uri",
                 code="model_load_failed",
             ) from None
-        self.set_version(str(info["version"]))
+        if req.model == CHAMPION:
+            self.set_version(str(info["version"]))
         return dict(info)
+
+    async def unload(self, model: str) -> dict[str, Any]:
+        if model == CHAMPION:
+            raise ApiError(
+                400, "the champion is swapped (POST /admin/reload), not unloaded", param="model"
+            )
+        if model not in {row["name"] for row in await self._served()}:
+            raise ApiError(404, f"no model '{model}' is served", param="model", code="not_found")
+        return dict(await self.generator.to_async.unload(model=model))

@@ -74,16 +74,17 @@ KEEP_SESSION = {"max_requests": 2**31 - 1, "max_age": 10.0**9}
     tracing=TRACING,
 )
 class Generator:
-    """The model: batched generation, streaming, and hot swap to another version."""
+    """The models (champion, canary, and the profile's others): batched generation,
+    streaming, hot swap and unloading per name."""
 
     def __init__(self) -> None:
-        from components.serving.model import ServedModel, default_model_uri
+        from components.serving.fleet import ModelSet
 
-        # Loaded in the background: /readyz answers 503 at once until the model is in.
-        self.served = ServedModel.load_in_background(default_model_uri(), SETTINGS.warmup, PROFILE)
+        # Loaded in the background: /readyz answers 503 at once until the champion is in.
+        self.fleet = ModelSet.load_in_background(PROFILE, SETTINGS.warmup)
 
     def __is_ready__(self) -> bool:
-        return self.served.ready
+        return self.fleet.ready
 
     # Adaptive batching groups requests for the reference runtime's static batches; the
     # OpenVINO engine batches by itself, step by step, so each request goes straight in.
@@ -95,13 +96,13 @@ class Generator:
     def generate(self, inputs: list[GenerationInput]) -> list[GenerationOutput]:
         with tracer().start_as_current_span("flywheel.batch") as span:
             span.set_attribute("flywheel.batch_size", len(inputs))
-            return self.served.generate(inputs)
+            return self.fleet.generate(inputs)
 
     @bentoml.api
     async def stream(self, item: GenerationInput) -> AsyncGenerator[str, None]:
         import anyio
 
-        pieces = self.served.stream(item)
+        pieces = self.fleet.stream(item)
         try:
             while (output := await anyio.to_thread.run_sync(next, pieces, None)) is not None:
                 yield output.model_dump_json() + "\n"
@@ -110,12 +111,21 @@ class Generator:
 
     @bentoml.api
     def count_tokens(self, item: GenerationInput, answer: str) -> GenerationOutput:
-        return self.served.count_tokens(item, answer)
+        return self.fleet.count_tokens(item, answer)
 
     @bentoml.api
-    def reload(self, model_uri: str) -> dict:
-        loaded = self.served.swap(model_uri)
-        return {"name": loaded.name, "version": loaded.version}
+    def reload(self, model_uri: str, model: str = "champion") -> dict:
+        loaded = self.fleet.load(model, model_uri)
+        return {"model": model, "name": loaded.name, "version": loaded.version}
+
+    @bentoml.api
+    def unload(self, model: str) -> dict:
+        self.fleet.unload(model)
+        return {"model": model, "unloaded": True}
+
+    @bentoml.api
+    def models(self) -> list[dict]:
+        return self.fleet.listing()
 
 
 app = FastAPI(
@@ -186,12 +196,12 @@ class Flywheel:
         return await self.gateway.completions(body, Asked(memory=memory != "off"))
 
     @app.get("/v1/models", dependencies=CLIENT)
-    def models(self) -> dict:
-        return self.gateway.models()
+    async def models(self) -> dict:
+        return await self.gateway.models()
 
     @app.get("/v1/models/{model_id:path}", dependencies=CLIENT)
-    def model(self, model_id: str) -> dict:
-        return self.gateway.model(model_id)
+    async def model(self, model_id: str) -> dict:
+        return await self.gateway.model(model_id)
 
     @app.post("/feedback", dependencies=CLIENT)
     async def feedback(self, body: FeedbackRequest, request: Request) -> FeedbackResponse:
@@ -200,6 +210,10 @@ class Flywheel:
     @app.post("/admin/reload", dependencies=ADMIN)
     async def reload(self, body: ReloadRequest) -> dict:
         return await self.gateway.reload(body)
+
+    @app.delete("/admin/models/{model}", dependencies=ADMIN)
+    async def unload(self, model: str) -> dict:
+        return await self.gateway.unload(model)
 
     @app.get("/admin/memory", dependencies=ADMIN)
     def memory_entries(self) -> dict:

@@ -24,7 +24,8 @@ def test_openai_client_works_unchanged(served) -> None:
     from openai import NotFoundError, OpenAI
 
     client = OpenAI(base_url=f"{served.url}/v1", api_key="unused")
-    assert [m.id for m in client.models.list()] == ["flywheel-llm-tiny"]
+    # The registered name (the router chooses), then each served model by its name.
+    assert [m.id for m in client.models.list()] == ["flywheel-llm-tiny", "champion"]
 
     chat = client.chat.completions.create(
         model="flywheel-llm-tiny",

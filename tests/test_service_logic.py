@@ -258,21 +258,32 @@ def test_a_missing_champion_is_one_clear_error_and_not_ready(home, monkeypatch) 
 
 
 class LocalGenerator:
-    """The generator service's methods, called in-process."""
+    """The generator service's methods over a `ModelSet`, called in-process."""
 
-    def __init__(self, served) -> None:
-        self.served = served
+    def __init__(self, models) -> None:
+        self.fleet = models
         self.to_async = self
 
     async def generate(self, inputs):
-        return self.served.generate(inputs)
+        return self.fleet.generate(inputs)
 
     async def stream(self, item):
-        for output in self.served.stream(item):
+        for output in self.fleet.stream(item):
             yield output.model_dump_json() + "\n"
 
     async def count_tokens(self, item, answer):
-        return self.served.count_tokens(item, answer)
+        return self.fleet.count_tokens(item, answer)
+
+    async def models(self):
+        return self.fleet.listing()
+
+    async def reload(self, model_uri, model="champion"):
+        loaded = self.fleet.load(model, model_uri)
+        return {"model": model, "name": loaded.name, "version": loaded.version}
+
+    async def unload(self, model):
+        self.fleet.unload(model)
+        return {"model": model, "unloaded": True}
 
 
 @pytest.fixture
@@ -286,11 +297,13 @@ def client_for(champion_home, monkeypatch):
     monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
     from components.config import MemoryConfig, RetrievalConfig
     from components.retrieval.index import build_index
-    from components.serving.model import ServedModel, default_model_uri, serve_settings
+    from components.serving.fleet import ModelSet
+    from components.serving.model import default_model_uri, serve_settings, serving_profile
     from service.gateway import Gateway
     from service.service import app
 
-    served = ServedModel.from_uri(default_model_uri(), warmup=False)
+    served = ModelSet(serving_profile(), warmup=False)
+    served.load("champion", default_model_uri())
     gateways = []
 
     def make(

@@ -20,6 +20,7 @@ from components.model.base_model import BaseModelRef, resolve_base_model
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+CANARY = "canary"  # promoted by the offline gate, serving a share of traffic (serve.canary)
 # What a registered version needs to load and generate (config, model loading, generation);
 # the rest of the package (deploy, monitor, ...) stays out of every version.
 MODEL_CODE = ("__init__.py", "config.py", "paths.py", "records.py", "model")
@@ -107,12 +108,17 @@ def decide_promotion(frozen: Comparison, live: LiveEvidence | None = None) -> Ga
 
 def current_champion(model_name: str) -> Any | None:
     """The model version the `champion` alias points to, or None."""
+    return version_at(model_name, CHAMPION)
+
+
+def version_at(model_name: str, alias: str) -> Any | None:
+    """The model version `alias` points to, or None."""
     from mlflow.exceptions import MlflowException
 
     from components.registry.tracking import mlflow_client
 
     try:
-        return mlflow_client().get_model_version_by_alias(model_name, CHAMPION)
+        return mlflow_client().get_model_version_by_alias(model_name, alias)
     except MlflowException:
         return None
 
@@ -188,8 +194,11 @@ def register_candidate(
     tags: dict[str, str],
     comparison: Comparison,
     live: LiveEvidence | None = None,
+    promote_to: str = CHAMPION,
 ) -> RegisterResult:
-    """Log the adapter as a model, register it as `challenger`, and apply the gate."""
+    """Log the adapter as a model, register it as `challenger`, and apply the gate: a version
+    it promotes gets the alias `promote_to` (`champion`, or `canary` to be tried on live
+    traffic first)."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -221,8 +230,8 @@ def register_candidate(
     gate = decide_promotion(comparison, live)
     aliases = [CHALLENGER]
     if gate.promote:
-        client.set_registered_model_alias(model_name, CHAMPION, version.version)
-        aliases.append(CHAMPION)
+        client.set_registered_model_alias(model_name, promote_to, version.version)
+        aliases.append(promote_to)
     evidence = {"frozen": comparison, **({"live": live.comparison} if live else {})}
     for key, value in {
         "gate.decision": "promoted" if gate.promote else "rejected",

@@ -19,6 +19,8 @@ from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from components.config import MODEL_NAME
+
 MAX_STOP_SEQUENCES = 4
 
 
@@ -74,9 +76,17 @@ class SamplingFields(Body):
     stop: Stop = Field(default_factory=list)
 
 
+# Which served model answers (GET /v1/models lists them); left out, the router chooses.
+ModelChoice = Annotated[str | None, Field(min_length=1, max_length=200)]
+# A user or conversation id: keeps a user on one side of a canary.
+UserId = Annotated[str | None, Field(min_length=1, max_length=256)]
+
+
 class GenerateRequest(SamplingFields):
     prompt: str = Field(min_length=1)
     max_new_tokens: int | None = Field(default=None, ge=1)
+    model: ModelChoice = None
+    user: UserId = None
 
 
 class GenerateResponse(BaseModel):
@@ -103,7 +113,10 @@ class FeedbackResponse(BaseModel):
 
 
 class ReloadRequest(Body):
+    """Serve `model_uri` (`models:/name/3`, `@alias`, `base`) as the model named `model`."""
+
     model_uri: str = Field(min_length=1, max_length=500)
+    model: str = Field(default="champion", pattern=MODEL_NAME)
 
 
 class ChatMessage(Body):
@@ -122,7 +135,8 @@ class OpenAIBody(SamplingFields):
     # OpenAI-compatible servers commonly do, rather than failing every such client.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str | None = None
+    model: ModelChoice = None
+    user: UserId = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
@@ -261,9 +275,11 @@ def usage_chunk(
     )
 
 
-def model_card(model_id: str, version: str) -> Model:
-    """One served model as `/v1/models` lists it (with the served version as an extra field)."""
-    return Model(id=model_id, object="model", created=0, owned_by="flywheel", version=version)
+def model_card(model_id: str, version: str, **extra: Any) -> Model:
+    """One served model as `/v1/models` lists it (its version and `extra` as extra fields)."""
+    return Model(
+        id=model_id, object="model", created=0, owned_by="flywheel", version=version, **extra
+    )
 
 
 def sse(data: BaseModel | str) -> str:

@@ -1,5 +1,6 @@
 """Deploy a registered version: start or hot-swap the service, smoke-test it, and roll back
-(alias and serving model) if anything fails.
+(alias and serving model) if anything fails. A canary is served beside the champion under the
+name `canary` and ended by `end_canary` (the monitor's verdict).
 
 The service is `bentoml serve` of this repository (bentofile.yaml) with the version pinned by
 `FLYWHEEL_MODEL_URI`; a Bento is built only where a container is made (`make bento`).
@@ -18,6 +19,7 @@ import httpx
 
 from components.paths import flywheel_home
 from components.process import Server, ServerError, answers, stop_group
+from components.registry.register import CANARY, CHAMPION
 from components.serving.auth import admin_key, api_key
 
 STARTUP_TIMEOUT_S = 300
@@ -39,6 +41,7 @@ class DeployResult:
     action: str  # "started" or "swapped"
     smoke_latency_ms: float
     memory: str = ""  # what the check of the memory against the new weights did
+    served_as: str = CHAMPION  # or canary
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,8 +86,9 @@ def serve_command(port: int) -> list[str]:
     ]
 
 
-def start_service(profile: str, model_uri: str, port: int) -> int:
-    """Start `bentoml serve` detached (it outlives this process); wait until it is ready."""
+def start_service(profile: str, model_uri: str | None, port: int) -> int:
+    """Start `bentoml serve` detached (it outlives this process); wait until it is ready.
+    `model_uri` pins the champion (default: the profile's `serve.models`)."""
     server = Server.start(
         "the service",
         serve_command(port),
@@ -110,11 +114,11 @@ def stop_service() -> bool:
     return stop_group(pid, SHUTDOWN_TIMEOUT_S)
 
 
-def swap_model(url: str, model_uri: str) -> str:
-    """Tell the running service to load, warm up and switch to `model_uri`."""
+def swap_model(url: str, model_uri: str, served_as: str = CHAMPION) -> str:
+    """Tell the running service to load, warm up and serve `model_uri` as `served_as`."""
     response = httpx.post(
         f"{url}/admin/reload",
-        json={"model_uri": model_uri},
+        json={"model_uri": model_uri, "model": served_as},
         headers=_admin_auth(),
         timeout=STARTUP_TIMEOUT_S,
     )
@@ -123,16 +127,25 @@ def swap_model(url: str, model_uri: str) -> str:
     return str(response.json()["version"])
 
 
-def smoke_test(url: str, expected_version: str) -> float:
-    """Ready, one generation, and the new version answering; returns its latency in ms."""
+def unload_model(url: str, name: str) -> bool:
+    """Stop serving the model `name` (not the champion); False if it was not served."""
+    response = httpx.delete(f"{url}/admin/models/{name}", headers=_admin_auth(), timeout=60)
+    if response.status_code not in (200, 404):
+        raise DeployError(f"the service could not unload {name}: {response.text[:300]}")
+    return response.status_code == 200
+
+
+def smoke_test(url: str, expected_version: str, served_as: str = CHAMPION) -> float:
+    """Ready, one generation by `served_as`, and the new version answering; returns its
+    latency in ms."""
     if not is_ready(url):
         raise DeployError("smoke test: /readyz is not 200")
     started = time.perf_counter()
     response = httpx.post(
         f"{url}/generate",
-        headers=client_auth(),
+        headers={**client_auth(), "x-flywheel-memory": "off"},
         timeout=120,
-        json={"prompt": "How do I run the tests?", "max_new_tokens": 8},
+        json={"prompt": "How do I run the tests?", "max_new_tokens": 8, "model": served_as},
     )
     latency = (time.perf_counter() - started) * 1000
     if response.status_code != 200:
@@ -147,21 +160,45 @@ def smoke_test(url: str, expected_version: str) -> float:
     return round(latency, 1)
 
 
-def roll_out(model_name: str, version: str, profile: str, port: int) -> tuple[str, str]:
-    """Swap the running service to the version, or start one; returns (url, action)."""
+def roll_out(
+    model_name: str, version: str, profile: str, port: int, served_as: str = CHAMPION
+) -> tuple[str, str]:
+    """Serve the version as `served_as` in the running service (a swap), or start one; returns
+    (url, action). A service started for a canary serves the champion and the canary from
+    their aliases."""
     url = f"http://127.0.0.1:{port}"
     uri = f"models:/{model_name}/{version}"
     if is_ready(url):
-        swap_model(url, uri)
+        swap_model(url, uri, served_as)
         return url, "swapped"
-    start_service(profile, uri, port)
+    start_service(profile, uri if served_as == CHAMPION else None, port)
     return url, "started"
+
+
+def end_canary(model_name: str, version: str, url: str, decision: str, reason: str) -> str:
+    """The monitor's verdict on the canary `version` ("promoted" or "rolled back"), recorded
+    on the version like the gate's (`canary.decision`, `canary.reason`); the canary alias goes,
+    a promoted canary becomes champion, and the service stops serving it as a canary (a
+    promoted one is swapped in as champion first, by the deploy flow). Says what was done."""
+    from components.registry.tracking import mlflow_client
+
+    client = mlflow_client()
+    client.set_model_version_tag(model_name, version, "canary.decision", decision)
+    client.set_model_version_tag(model_name, version, "canary.reason", reason[:5000])
+    client.set_model_version_tag(model_name, version, "canary.ended_at", f"{time.time():.0f}")
+    client.delete_registered_model_alias(model_name, CANARY)
+    if decision == "promoted":
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+    try:
+        unloaded = unload_model(url, CANARY) if is_ready(url) else False
+    except (DeployError, httpx.HTTPError) as exc:
+        return f"canary v{version} {decision}; the service still serves it as canary ({exc})"
+    served = "no longer served as canary" if unloaded else "was not being served"
+    return f"canary v{version} {decision}: {served}"
 
 
 def roll_back(model_name: str, previous: str | None, profile: str, port: int, action: str) -> str:
     """Restore the previous champion alias and serving model; says what was done."""
-    from components.registry.register import CHAMPION
-
     if previous is None:
         if action == "started":
             stop_service()
@@ -179,3 +216,8 @@ def roll_back(model_name: str, previous: str | None, profile: str, port: int, ac
         if current != previous:
             swap_model(url, uri)
     return f"champion alias and serving model restored to version {previous}"
+
+
+def withdraw_canary(model_name: str, version: str, port: int, why: str) -> str:
+    """A canary that failed to deploy: its alias removed, the service not serving it."""
+    return end_canary(model_name, version, f"http://127.0.0.1:{port}", "rolled back", why)

@@ -36,6 +36,7 @@ log = logging.getLogger("flywheel.engine")
 class Engine(Protocol):
     name: str
     runtime: str  # what makes the answers (engine and weights): part of the cache key
+    memory_bytes: int  # what it holds: weights, and the KV cache it reserves
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]: ...
 
@@ -53,6 +54,7 @@ class TransformersEngine:
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.runtime = f"transformers-{str(model.dtype).removeprefix('torch.')}"
+        self.memory_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.compute = threading.Lock()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
@@ -105,6 +107,8 @@ class OpenVINOEngine:
         )
         self.model_dir, self.tokenizer = model_dir, tokenizer
         self.runtime = model_dir.name  # openvino-<weights>
+        weights = sum(f.stat().st_size for f in model_dir.glob("*.bin"))
+        self.memory_bytes = weights + scheduler.cache_size * 2**30
         self._ov = ov_genai
         self._arrivals: queue.Queue[_Job | None] = queue.Queue()
         self._next_id = 0

@@ -5,11 +5,12 @@ Kept free of BentoML so it can be tested in-process; service/ wraps it in BentoM
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,11 @@ def serve_settings() -> ServeConfig:
     return serving_profile().serve
 
 
-def default_model_uri() -> str:
-    """`FLYWHEEL_MODEL_URI`, else the profile's registered model at alias `champion`."""
-    return (
-        os.environ.get("FLYWHEEL_MODEL_URI")
-        or f"models:/{serving_profile().registry.model_name}@champion"
-    )
+def default_model_uri(config: PipelineConfig | None = None) -> str:
+    """`FLYWHEEL_MODEL_URI`, else the profile's `serve.models.champion` (its registered model
+    at alias `champion` unless the profile says otherwise)."""
+    config = config or serving_profile()
+    return os.environ.get("FLYWHEEL_MODEL_URI") or config.serve.models["champion"]
 
 
 class GenerationInput(BaseModel):
@@ -48,6 +48,11 @@ class GenerationInput(BaseModel):
 
     messages: list[dict[str, str]] | None = None
     text: str | None = None
+    # Which served model answers (a name in `serve.models`, or `canary`); None: the
+    # champion, or the canary for its share of users (`user` keeps a user on one of them).
+    model: str | None = None
+    routed: bool = False  # `model` is the router's choice: the champion answers without it
+    user: str | None = None
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
@@ -60,6 +65,7 @@ class GenerationOutput(BaseModel):
     completion_tokens: int = 0
     confidence: float | None = None
     model_version: str = ""
+    model: str = ""  # the name of the served model that answered
     error: str | None = None
     error_param: str | None = None
     error_code: str | None = None
@@ -86,14 +92,24 @@ class ModelNotFound(LookupError):
     """The registry has no such model version or alias."""
 
 
-def resolve_model_uri(uri: str) -> tuple[str, str]:
-    """`models:/name@alias` or `models:/name/version` -> (name, version)."""
+BASE = "base"  # the source, and the version label, of the base model served without adapter
+
+
+def resolve_model_uri(uri: str, config: PipelineConfig | None = None) -> tuple[str, str]:
+    """A model source -> (name, version): `models:/name@alias`, `models:/name/version`,
+    `@alias` (of the profile's registered model), or `base` (the profile's base model, version
+    label `base`)."""
     from components.registry.tracking import mlflow_client
 
+    config = config or serving_profile()
+    if uri == BASE:
+        return config.model.base_model, BASE
+    if uri.startswith("@"):
+        uri = f"models:/{config.registry.model_name}{uri}"
     if not uri.startswith("models:/"):
         raise ValueError(
-            f"model URI must look like models:/<name>@<alias> or "
-            f"models:/<name>/<version>, got {uri!r}"
+            f"model URI must look like models:/<name>@<alias>, models:/<name>/<version>, "
+            f"@<alias> or base, got {uri!r}"
         )
     from mlflow.exceptions import MlflowException
 
@@ -113,18 +129,15 @@ def resolve_model_uri(uri: str) -> tuple[str, str]:
 
 
 def load_model_version(name: str, version: str, config: PipelineConfig) -> LoadedModel:
-    """Download a registered version's adapter and load it on the configured engine; if
-    the engine cannot take it, load it on the transformers reference and say why."""
+    """Load a registered version (its adapter over its base), or the profile's base model
+    alone (version `base`), on the configured engine; if the engine cannot take it, load it on
+    the transformers reference and say why."""
     from transformers import AutoConfig
 
     from components.model.chat import load_tokenizer
-    from components.registry.register import download_version
 
-    cache = flywheel_home() / "serving" / name / version
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        base_path, adapter_dir = download_version(name, version, Path(tmp))
-        tokenizer = load_tokenizer(adapter_dir, padding_side="left")
+    with _weights(name, version, config) as (cache, base_path, adapter_dir):
+        tokenizer = load_tokenizer(adapter_dir or base_path, padding_side="left")
         architecture = AutoConfig.from_pretrained(base_path)
         context = int(getattr(architecture, "max_position_embeddings", 2048))
         loaded, fallback = None, None
@@ -138,8 +151,32 @@ def load_model_version(name: str, version: str, config: PipelineConfig) -> Loade
         if loaded is None:
             reference = transformers_engine(base_path, adapter_dir)
             loaded = LoadedModel(name, version, reference, tokenizer, context, fallback)
-    record_engine(loaded)
+    if version != BASE:
+        record_engine(loaded)
     return loaded
+
+
+@contextlib.contextmanager
+def _weights(
+    name: str, version: str, config: PipelineConfig
+) -> Iterator[tuple[Path, str, str | None]]:
+    """(the version's cache folder, base model folder, adapter folder or None), the adapter
+    downloaded into a temporary folder that lasts while the model loads."""
+    if version == BASE:
+        from components.model.base_model import resolve_base_model
+
+        base = resolve_base_model(config.model)
+        cache = flywheel_home() / "serving" / BASE / base.sha256[:16]
+        cache.mkdir(parents=True, exist_ok=True)
+        yield cache, base.path, None
+        return
+    from components.registry.register import download_version
+
+    cache = flywheel_home() / "serving" / name / version
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        base_path, adapter_dir = download_version(name, version, Path(tmp))
+        yield cache, base_path, adapter_dir
 
 
 def prepare_version(name: str, version: str, config: PipelineConfig) -> str:
@@ -153,7 +190,7 @@ def prepare_version(name: str, version: str, config: PipelineConfig) -> str:
 
 
 def openvino_engine(
-    cache: Path, base_path: str, adapter_dir: str, tokenizer: Any, config: PipelineConfig
+    cache: Path, base_path: str, adapter_dir: str | None, tokenizer: Any, config: PipelineConfig
 ) -> tuple[Engine, str]:
     """The version on OpenVINO, once its answers passed the quality check (and the check's
     summary); `EngineRejected` if they did not."""
@@ -192,7 +229,7 @@ def record_engine(loaded: LoadedModel) -> None:
         log.warning("could not record the engine on version %s: %s", loaded.version, exc)
 
 
-def transformers_engine(base_path: str, adapter_dir: str) -> Engine:
+def transformers_engine(base_path: str, adapter_dir: str | None) -> Engine:
     from components.model.generation import load_for_inference
     from components.serving.engine import TransformersEngine
 
@@ -200,16 +237,21 @@ def transformers_engine(base_path: str, adapter_dir: str) -> Engine:
 
 
 class ServedModel:
-    """The current model, loaded in the background; `swap` loads and warms the next one
-    before switching to it. Until the first model is in, `ready` is False and every call
-    answers `model_not_ready`, so the service can say so at once instead of hanging."""
+    """One served model, loaded in the background; `swap` loads and warms the next one before
+    switching to it. Until a model is in, `ready` is False and every call answers
+    `model_not_ready`, so the service can say so at once instead of hanging."""
 
-    def __init__(self, warmup: bool = True, config: PipelineConfig | None = None) -> None:
+    def __init__(
+        self,
+        warmup: bool = True,
+        config: PipelineConfig | None = None,
+        cache: ResponseCache | None = None,
+    ) -> None:
         self.warmup = warmup
         self.config = config or serving_profile()
         self._current: LoadedModel | None = None
         self.error: str | None = None
-        self.cache = ResponseCache.from_config(
+        self.cache = cache or ResponseCache.from_config(
             self.config.serve.cache, self.config.registry.model_name
         )
 
@@ -228,23 +270,29 @@ class ServedModel:
     ) -> ServedModel:
         """Start loading `uri` in a thread; a model that cannot be found is one logged line."""
         served = cls(warmup, config)
-
-        def load() -> None:
-            try:
-                served.swap(uri)
-            except ModelNotFound as exc:
-                served.error = str(exc)
-                log.error("%s", exc)
-            except Exception as exc:
-                served.error = f"cannot load {uri}: {exc}"
-                log.exception("cannot load %s", uri)
-
-        threading.Thread(target=load, name="model-load", daemon=True).start()
+        threading.Thread(target=served.load, args=(uri,), name="model-load", daemon=True).start()
         return served
+
+    def load(self, uri: str, admit: Callable[[LoadedModel], None] | None = None) -> bool:
+        """`swap` to `uri`, keeping why it failed in `error` instead of raising."""
+        try:
+            self.swap(uri, admit)
+        except ModelNotFound as exc:
+            self.error = str(exc)
+            log.error("%s", exc)
+        except Exception as exc:
+            self.error = f"cannot load {uri}: {exc}"
+            log.exception("cannot load %s", uri)
+        return self.error is None
 
     @property
     def ready(self) -> bool:
         return self._current is not None
+
+    @property
+    def loaded(self) -> LoadedModel | None:
+        """The model serving now, if any."""
+        return self._current
 
     @property
     def current(self) -> LoadedModel:
@@ -260,15 +308,29 @@ class ServedModel:
             )
             run_inputs(loaded, [hello])
 
-    def swap(self, uri: str) -> LoadedModel:
-        """Load and warm the model at `uri`, then switch; in-flight calls finish on the old."""
-        loaded = load_model_version(*resolve_model_uri(uri), self.config)
-        self._warm(loaded)
+    def swap(self, uri: str, admit: Callable[[LoadedModel], None] | None = None) -> LoadedModel:
+        """Load and warm the model at `uri`, then switch; in-flight calls finish on the old.
+        `admit` may refuse the loaded model (by raising) before it takes any traffic."""
+        loaded = load_model_version(*resolve_model_uri(uri, self.config), self.config)
+        try:
+            if admit is not None:
+                admit(loaded)
+            self._warm(loaded)
+        except BaseException:
+            loaded.engine.close()
+            raise
         previous, self._current = self._current, loaded  # atomic for readers
         self.error = None
         if previous is not None:
             previous.engine.close()  # once the requests it is running have finished
         return loaded
+
+    def unload(self) -> None:
+        """Stop serving: calls answer `model_not_ready`; those in flight finish."""
+        previous, self._current = self._current, None
+        self.error = "unloaded"
+        if previous is not None:
+            previous.engine.close()
 
     def generate(self, inputs: list[GenerationInput]) -> list[GenerationOutput]:
         try:

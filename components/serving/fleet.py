@@ -1,0 +1,230 @@
+"""The named models one generator holds, within the profile's memory budget.
+
+`serve.models` names them (the champion, and for example a general model for questions
+outside its domain); with `serve.canary.enabled`, the version at the registry alias `canary`
+is served too, as `canary`. A request names its model (`GenerationInput.model`: a name, or
+`<registered name>:<version>` of a served version; one the router chose falls back to the
+champion while it is not serving); without one it goes to the champion, or,
+for the canary's share of users, to the canary: the same user (or conversation) id always lands
+on the same side. Each model swaps on its own (`load`), and any but the champion can be
+unloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+from collections.abc import Generator
+from typing import Any
+
+from components.config import PipelineConfig
+from components.serving.cache import ResponseCache
+from components.serving.model import (
+    GenerationInput,
+    GenerationOutput,
+    LoadedModel,
+    ModelNotFound,
+    ServedModel,
+    default_model_uri,
+)
+
+log = logging.getLogger("flywheel.generator")
+CHAMPION = "champion"
+CANARY = "canary"
+GB = 2**30
+
+
+class BudgetExceeded(RuntimeError):
+    """Loading this model would take the served models past `serve.memory_budget_gb`."""
+
+
+class CannotUnload(ValueError):
+    """The champion is swapped, never unloaded; or the name is not served."""
+
+
+def to_canary(user: str | None, share: float) -> bool:
+    """Whether a request goes to the canary: a fixed function of its user or conversation id
+    (the same id, the same side), a draw for a request without one."""
+    if user is None:
+        return random.random() < share
+    digest = hashlib.sha256(user.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+class ModelSet:
+    def __init__(self, config: PipelineConfig, warmup: bool = True) -> None:
+        self.config, self.warmup = config, warmup
+        self.cache = ResponseCache.from_config(config.serve.cache, config.registry.model_name)
+        self.slots: dict[str, ServedModel] = {}
+        self._loading = threading.Lock()  # one load at a time, so the budget sees every model
+
+    def sources(self) -> dict[str, str]:
+        """What each name serves when the generator starts (the champion first)."""
+        sources = {**self.config.serve.models, CHAMPION: default_model_uri(self.config)}
+        if self.config.serve.canary.enabled:
+            sources[CANARY] = f"@{CANARY}"
+        return {CHAMPION: sources.pop(CHAMPION), **sources}
+
+    @classmethod
+    def load_in_background(cls, config: PipelineConfig, warmup: bool = True) -> ModelSet:
+        """Every named model starts loading, one after the other, in a thread; the champion
+        first. A canary the registry does not have is simply not served."""
+        models = cls(config, warmup)
+        sources = models.sources()
+        for name in sources:
+            models.slots[name] = ServedModel(warmup, config, models.cache)
+
+        def load_all() -> None:
+            for name, uri in sources.items():
+                with models._loading:
+                    slot = models.slots[name]
+                    admit = models._admission(name)
+                    if name == CANARY:
+                        try:
+                            slot.swap(uri, admit)
+                        except ModelNotFound:
+                            del models.slots[name]
+                            log.info("no canary in the registry: none is served")
+                        except Exception as exc:
+                            slot.error = f"cannot load {uri}: {exc}"
+                            log.exception("cannot load the canary %s", uri)
+                    else:
+                        slot.load(uri, admit)
+
+        threading.Thread(target=load_all, name="model-load", daemon=True).start()
+        return models
+
+    @property
+    def ready(self) -> bool:
+        return self.slots[CHAMPION].ready
+
+    def _admission(self, name: str) -> Any:
+        """The check a model loaded as `name` must pass: all served models, with it in the
+        place of what `name` serves now, within the memory budget."""
+
+        def admit(loaded: LoadedModel) -> None:
+            budget = self.config.serve.memory_budget_gb
+            if budget is None:
+                return
+            others = {
+                other: served.engine.memory_bytes
+                for other, slot in self.slots.items()
+                if other != name and (served := slot.loaded) is not None
+            }
+            total = sum(others.values()) + loaded.engine.memory_bytes
+            if total > budget * GB:
+                held = ", ".join(f"{n} {b / GB:.2f}" for n, b in others.items()) or "nothing"
+                raise BudgetExceeded(
+                    f"{name} needs {loaded.engine.memory_bytes / GB:.2f} GB; with what is served "
+                    f"({held}) that is {total / GB:.2f} GB, over serve.memory_budget_gb "
+                    f"{budget:g}"
+                )
+
+        return admit
+
+    def load(self, name: str, uri: str) -> LoadedModel:
+        """Serve `uri` as `name`: a new model, or a swap of the one `name` serves."""
+        with self._loading:
+            slot = self.slots.get(name) or ServedModel(self.warmup, self.config, self.cache)
+            loaded = slot.swap(uri, self._admission(name))
+            self.slots[name] = slot
+            return loaded
+
+    def unload(self, name: str) -> None:
+        if name == CHAMPION:
+            raise CannotUnload("the champion is swapped (POST /admin/reload), not unloaded")
+        with self._loading:
+            slot = self.slots.pop(name, None)
+        if slot is None:
+            raise CannotUnload(f"no model named {name!r} is served")
+        slot.unload()
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Each served model: name, version, engine, memory, and why it is not ready."""
+        rows = []
+        for name, slot in list(self.slots.items()):
+            loaded = slot.loaded
+            row: dict[str, Any] = {"name": name, "ready": loaded is not None}
+            if loaded is not None:
+                row.update(
+                    model_name=loaded.name,
+                    version=loaded.version,
+                    engine=loaded.engine.name,
+                    memory_gb=round(loaded.engine.memory_bytes / GB, 3),
+                )
+            else:
+                row["error"] = slot.error or "loading"
+            rows.append(row)
+        return rows
+
+    def pick(self, item: GenerationInput) -> tuple[str, ServedModel] | GenerationOutput:
+        """(name, model) that answers `item`, or an error output naming the `model` field."""
+        name = item.model
+        if name is None:
+            canary = self.slots.get(CANARY)
+            share = self.config.serve.canary.share
+            use_canary = canary is not None and canary.ready and to_canary(item.user, share)
+            name = CANARY if use_canary else CHAMPION
+        slot = self.slots.get(name)
+        if slot is None:
+            slot, name = self._by_version(name)
+        if item.routed and (slot is None or not slot.ready):
+            name, slot = CHAMPION, self.slots[CHAMPION]  # the router's model is not serving
+        if slot is None:
+            served = ", ".join(self.slots)
+            return GenerationOutput(
+                error=f"model {item.model!r} is not served here; GET /v1/models lists {served}",
+                error_code="model_not_found",
+                error_param="model",
+                error_status=404,
+            )
+        return name, slot
+
+    def _by_version(self, model: str) -> tuple[ServedModel | None, str]:
+        """The model serving `<registered name>:<version>`, if one does."""
+        registered, _, version = model.rpartition(":")
+        for name, slot in list(self.slots.items()):
+            loaded = slot.loaded
+            if loaded is not None and (loaded.name, loaded.version) == (registered, version):
+                return slot, name
+        return None, model
+
+    def generate(self, inputs: list[GenerationInput]) -> list[GenerationOutput]:
+        """Each model generates for its inputs in one batched call; outputs in input order."""
+        outputs: list[GenerationOutput | None] = [None] * len(inputs)
+        groups: dict[str, tuple[ServedModel, list[int]]] = {}
+        for i, item in enumerate(inputs):
+            picked = self.pick(item)
+            if isinstance(picked, GenerationOutput):
+                outputs[i] = picked
+            else:
+                groups.setdefault(picked[0], (picked[1], []))[1].append(i)
+        for name, (slot, indices) in groups.items():
+            answers = slot.generate([inputs[i] for i in indices])
+            for i, out in zip(indices, answers, strict=True):
+                outputs[i] = out.model_copy(update={"model": name})
+        return [out for out in outputs if out is not None]
+
+    def stream(self, item: GenerationInput) -> Generator[GenerationOutput, None, None]:
+        picked = self.pick(item)
+        if isinstance(picked, GenerationOutput):
+            yield picked
+            return
+        name, slot = picked
+        pieces = slot.stream(item)
+        try:
+            for piece in pieces:
+                yield piece.model_copy(update={"model": name})
+        finally:
+            pieces.close()
+
+    def count_tokens(self, item: GenerationInput, answer: str) -> GenerationOutput:
+        """A fixed answer (a correction, the scope reply), counted by the named model or the
+        champion (it speaks for the service; the canary's share is for generations)."""
+        picked = self.pick(item.model_copy(update={"model": item.model or CHAMPION}))
+        if isinstance(picked, GenerationOutput):
+            return picked
+        name, slot = picked
+        return slot.count_tokens(item, answer).model_copy(update={"model": name})
