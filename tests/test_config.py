@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,32 @@ def test_environment_overrides_reach_every_loader(monkeypatch: pytest.MonkeyPatc
     config = load_profile("tiny", ["serve.port=3200"])
     assert (config.serve.max_concurrency, config.serve.port) == (2, 3200)
     assert config.description == "a b"
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("serve.models={general: base}", "must name a `champion`"),
+        ("serve.models={champion: '@champion', canary: base}", "`canary` is the canary's"),
+        ("serve.models={champion: '@champion', Big Model: base}", "'Big Model' is not a model"),
+        ("serve.models={champion: 'hf:smollm'}", "serve.models.champion: 'hf:smollm' is not"),
+        ("serve.routing.out_of_domain=general", "neither `scope_reply` nor a model"),
+        ("serve.memory_budget_gb=0", "serve.memory_budget_gb"),
+        ("serve.canary.share=1.5", "serve.canary.share"),
+    ],
+)
+def test_served_models_are_checked_when_the_profile_loads(setting: str, message: str) -> None:
+    with pytest.raises(ProfileError, match=re.escape(message)):
+        load_profile("tiny", [setting])
+
+
+def test_the_router_may_send_off_topic_questions_to_a_named_model() -> None:
+    config = load_profile(
+        "tiny",
+        [
+            "serve.models={champion: '@champion', general: base}",
+            "serve.routing.out_of_domain=general",
+        ],
+    )
+    assert config.serve.models == {"champion": "@champion", "general": "base"}
+    assert load_profile("tiny").serve.models == {"champion": "@champion"}  # the default
