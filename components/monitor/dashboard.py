@@ -103,6 +103,18 @@ PANELS: tuple[Panel, ...] = (
         "One line per version: a new line is a swap (a promotion or a rollback).",
     ),
     Panel(
+        "Answers by served model",
+        "reqps",
+        (
+            (
+                f"sum by (model, model_version) (rate(flywheel_answers_total[{WINDOW}]))",
+                "{{model}} v{{model_version}}",
+            ),
+        ),
+        "Which served model answered (champion, canary, general, ...): a canary's share, and "
+        "the traffic the router sent outside the champion's domain.",
+    ),
+    Panel(
         "Monitor decisions and retrains",
         "short",
         (
