@@ -240,21 +240,24 @@ def test_one_request_that_breaks_generation_fails_alone(champion_home, monkeypat
 def test_a_missing_champion_is_one_clear_error_and_not_ready(home, monkeypatch) -> None:
     import time
 
-    from components.serving.model import GenerationInput, ServedModel
+    from components.config import load_profile
+    from components.serving.fleet import ModelSet
+    from components.serving.model import GenerationInput
 
-    monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
-    served = ServedModel.load_in_background("models:/flywheel-llm-tiny@champion")
+    models = ModelSet.load_in_background(load_profile("tiny"))
+    champion = models.slots["champion"]
     deadline = time.monotonic() + 30
-    while served.error is None and time.monotonic() < deadline:
+    while champion.error is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not served.ready
-    assert served.error == (
+    assert not models.ready
+    assert champion.error == (
         f"no champion for flywheel-llm-tiny in sqlite:///{home / 'mlflow.db'}: run make train first"
     )
+    assert models.listing() == [{"name": "champion", "ready": False, "error": champion.error}]
     item = GenerationInput(text="hi", max_new_tokens=2)
-    [output] = served.generate([item])
+    [output] = models.generate([item])
     assert output.error_code == "model_not_ready" and output.error_status == 503
-    assert next(served.stream(item)).error_code == "model_not_ready"
+    assert next(models.stream(item)).error_code == "model_not_ready"
 
 
 class LocalGenerator:

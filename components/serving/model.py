@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import tempfile
-import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,9 +236,9 @@ def transformers_engine(base_path: str, adapter_dir: str | None) -> Engine:
 
 
 class ServedModel:
-    """One served model, loaded in the background; `swap` loads and warms the next one before
-    switching to it. Until a model is in, `ready` is False and every call answers
-    `model_not_ready`, so the service can say so at once instead of hanging."""
+    """One served model; `swap` loads and warms the next one before switching to it. Until a
+    model is in, `ready` is False and every call answers `model_not_ready`, so the service can
+    say so at once instead of hanging."""
 
     def __init__(
         self,
@@ -262,15 +261,6 @@ class ServedModel:
         """Load `uri` now (in this thread)."""
         served = cls(warmup, config)
         served.swap(uri)
-        return served
-
-    @classmethod
-    def load_in_background(
-        cls, uri: str, warmup: bool = True, config: PipelineConfig | None = None
-    ) -> ServedModel:
-        """Start loading `uri` in a thread; a model that cannot be found is one logged line."""
-        served = cls(warmup, config)
-        threading.Thread(target=served.load, args=(uri,), name="model-load", daemon=True).start()
         return served
 
     def load(self, uri: str, admit: Callable[[LoadedModel], None] | None = None) -> bool:
