@@ -25,9 +25,9 @@ from components.serving.deploy import (
     DeployError,
     DeployResult,
     client_auth,
+    end_canary,
     roll_back,
     roll_out,
-    withdraw_canary,
 )
 from components.serving.deploy import smoke_test as run_smoke_test
 from components.serving.model import prepare_version
@@ -76,8 +76,9 @@ def restore(model_name: str, previous: str | None, profile: str, port: int, acti
 
 
 @task
-def withdraw(model_name: str, version: str, port: int, why: str) -> str:
-    return withdraw_canary(model_name, version, port, why)
+def withdraw(model_name: str, version: str, url: str, why: str) -> str:
+    """A canary that failed to deploy: its alias removed, the service not serving it."""
+    return end_canary(model_name, version, url, "rolled back", why)
 
 
 @task
@@ -115,7 +116,7 @@ def deploy(
         latency = smoke(url, version, served_as)
     except DeployError as exc:
         restored = (
-            withdraw(model_name, version, port, f"deploy failed: {exc}")
+            withdraw(model_name, version, url, f"deploy failed: {exc}")
             if canary
             else restore(model_name, previous_champion, profile, port, action)
         )

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from components.config import MemoryConfig, ServeConfig
 from components.inference_store import InferenceRecord, InferenceStore, StoreBusy, UnknownRequest
 from components.memory.store import CorrectionMemory, CorrectionRejected, Recall
+from components.registry.register import CHAMPION
 from components.retrieval.index import DocsIndex, Hit
 from components.serving.api import (
     ApiError,
@@ -56,7 +57,6 @@ from components.serving.api import (
     wire,
 )
 from components.serving.auth import admin_key, api_key
-from components.serving.fleet import CHAMPION
 from components.serving.model import (
     GenerationInput,
     GenerationOutput,

@@ -216,8 +216,3 @@ def roll_back(model_name: str, previous: str | None, profile: str, port: int, ac
         if current != previous:
             swap_model(url, uri)
     return f"champion alias and serving model restored to version {previous}"
-
-
-def withdraw_canary(model_name: str, version: str, port: int, why: str) -> str:
-    """A canary that failed to deploy: its alias removed, the service not serving it."""
-    return end_canary(model_name, version, f"http://127.0.0.1:{port}", "rolled back", why)

@@ -20,19 +20,17 @@ from collections.abc import Generator
 from typing import Any
 
 from components.config import PipelineConfig
+from components.registry.register import CANARY, CHAMPION, version_at
 from components.serving.cache import ResponseCache
 from components.serving.model import (
     GenerationInput,
     GenerationOutput,
     LoadedModel,
-    ModelNotFound,
     ServedModel,
     default_model_uri,
 )
 
 log = logging.getLogger("flywheel.generator")
-CHAMPION = "champion"
-CANARY = "canary"
 GB = 2**30
 
 
@@ -79,19 +77,11 @@ class ModelSet:
         def load_all() -> None:
             for name, uri in sources.items():
                 with models._loading:
-                    slot = models.slots[name]
-                    admit = models._admission(name)
-                    if name == CANARY:
-                        try:
-                            slot.swap(uri, admit)
-                        except ModelNotFound:
-                            del models.slots[name]
-                            log.info("no canary in the registry: none is served")
-                        except Exception as exc:
-                            slot.error = f"cannot load {uri}: {exc}"
-                            log.exception("cannot load the canary %s", uri)
-                    else:
-                        slot.load(uri, admit)
+                    if name == CANARY and version_at(config.registry.model_name, CANARY) is None:
+                        del models.slots[name]
+                        log.info("no canary in the registry: none is served")
+                        continue
+                    models.slots[name].load(uri, models._admission(name))
 
         threading.Thread(target=load_all, name="model-load", daemon=True).start()
         return models
