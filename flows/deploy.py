@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -84,9 +85,6 @@ def withdraw(model_name: str, version: str, url: str, why: str) -> str:
 @task
 def start_canary(model_name: str, version: str) -> None:
     """Mark when the canary began: the monitor compares it with the champion from then on."""
-    import time
-
-    from components.registry.register import CANARY
     from components.registry.tracking import mlflow_client
 
     client = mlflow_client()
@@ -105,7 +103,8 @@ def deploy(
 ) -> dict:
     """Serve `model_name` version `version` (as champion, or as the canary); on failure roll
     back to `previous_champion`, or withdraw the canary."""
-    port = port or load_profile(profile).serve.port
+    settings = load_profile(profile).serve
+    port = port or settings.port
     url, action = f"http://127.0.0.1:{port}", "swapped"
     served_as = CANARY if canary else CHAMPION
     engine = prepare(model_name, version, profile)
@@ -126,9 +125,8 @@ def deploy(
             description="Deploy and rollback",
         )
         raise DeployError(f"{exc}; {restored}") from None
-    share = load_profile(profile).serve.canary.share
     memory = (
-        f"memory: kept (the canary answers {share:.0%} of the traffic)"
+        f"memory: kept (the canary answers {settings.canary.share:.0%} of the traffic)"
         if canary
         else retire_memory(profile, url, version)
     )
