@@ -86,3 +86,16 @@ def test_the_drift_check_reports_what_the_router_does(domain) -> None:
 def test_the_domain_needs_training_prompts(domain) -> None:
     with pytest.raises(ValueError, match="training prompts"):
         DomainModel([], domain.embedder, 0.3)
+
+
+def test_a_question_is_embedded_once_for_the_memory_and_the_router(domain) -> None:
+    import numpy as np
+
+    embedder, question = domain.embedder, "how do i rotate an api key for the ci runner"
+    before = embedder._one.cache_info()
+    first, second = embedder.embed([question]), embedder.embed([question])
+    after = embedder._one.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+    assert first is second and not first.flags.writeable  # shared, so nobody may change it
+    together = embedder.embed([question, "an unrelated sentence"])  # one pass, as before
+    np.testing.assert_allclose(together[0], first[0], atol=1e-5)

@@ -39,9 +39,13 @@ def embedding_model_dir(name: str = BUILT_IN) -> Path:
 
 
 class SentenceEmbedder:
-    """Normalised mean-pooled embeddings; thread-safe, one forward pass per call."""
+    """Normalised mean-pooled embeddings; thread-safe, one forward pass per call.
 
-    def __init__(self, name: str = BUILT_IN, max_length: int = 128) -> None:
+    A single text is remembered (the last `recent` ones): a request's question is looked up by
+    the correction memory and then judged by the router, and is embedded once for both.
+    """
+
+    def __init__(self, name: str = BUILT_IN, max_length: int = 128, recent: int = 1024) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -50,9 +54,18 @@ class SentenceEmbedder:
         self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
         self.max_length = max_length
         self._lock = threading.Lock()
+        self._one = functools.lru_cache(maxsize=recent)(self._embed_one)
 
     def embed(self, texts: list[str]) -> Any:
-        """An (n, d) float32 numpy array of unit vectors."""
+        """An (n, d) float32 numpy array of unit vectors (read-only for a single text)."""
+        return self._one(texts[0]) if len(texts) == 1 else self._forward(texts)
+
+    def _embed_one(self, text: str) -> Any:
+        vectors = self._forward([text])
+        vectors.setflags(write=False)  # shared by every caller that asks for this text
+        return vectors
+
+    def _forward(self, texts: list[str]) -> Any:
         import torch
 
         with self._lock, torch.inference_mode():
