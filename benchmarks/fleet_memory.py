@@ -12,7 +12,7 @@ import argparse
 
 from components.config import load_profile
 from components.serving.fleet import GB, ModelSet
-from components.serving.model import GenerationInput
+from components.serving.protocol import GenerationInput
 
 
 def resident_gb() -> float:

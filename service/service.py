@@ -14,14 +14,20 @@ Batch size, latency budget, concurrency and timeouts come from the profile's `se
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Annotated, Literal
 
 import bentoml
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from components.serving.api import (
+from components.retrieval.index import profile_index
+from components.serving.fleet import ModelSet
+from components.serving.loading import serving_profile
+from components.serving.protocol import GenerationInput, GenerationOutput
+from service.api import (
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
@@ -30,19 +36,10 @@ from components.serving.api import (
     GenerateResponse,
     ReloadRequest,
 )
-from components.serving.model import GenerationInput, GenerationOutput, serving_profile
-from service.gateway import (
-    Asked,
-    Gateway,
-    ServiceEdge,
-    admin_auth,
-    client_auth,
-    client_id,
-    drain_on_sigterm,
-    install_error_handlers,
-    json_bodies_only,
-    playground_html,
-)
+from service.auth import admin_auth, client_auth, client_id
+from service.edge import ServiceEdge, drain_on_sigterm, install_error_handlers, json_bodies_only
+from service.plan import Asked
+from service.routes import Gateway
 from service.tracing import tracer, tracing_options
 
 PROFILE = serving_profile()  # the decorators below need the limits when the class is defined
@@ -78,8 +75,6 @@ class Generator:
     streaming, hot swap and unloading per name."""
 
     def __init__(self) -> None:
-        from components.serving.fleet import ModelSet
-
         # Loaded in the background: /readyz answers 503 at once until the champion is in.
         self.fleet = ModelSet.load_in_background(PROFILE, SETTINGS.warmup)
 
@@ -128,6 +123,12 @@ class Generator:
         return self.fleet.listing()
 
 
+@functools.cache
+def playground_html() -> str:
+    """The playground page: a prompt box, a streamed answer, thumbs up/down, a correction."""
+    return (Path(__file__).parent / "playground.html").read_text(encoding="utf-8")
+
+
 app = FastAPI(
     title="Flywheel",
     description="Generation, OpenAI-compatible API and feedback.",
@@ -155,8 +156,6 @@ class Flywheel:
     generator = bentoml.depends(Generator)
 
     def __init__(self) -> None:
-        from components.retrieval.index import profile_index
-
         docs = profile_index(PROFILE) if PROFILE.retrieval.enabled else None
         self.gateway = Gateway(
             SETTINGS,
@@ -165,7 +164,7 @@ class Flywheel:
             PROFILE.memory,
             docs,
         )
-        self.gateway.announce_version()
+        self.gateway.models.announce_version()
         self.gateway.warm_memory()
         drain_on_sigterm()
 
@@ -177,19 +176,20 @@ class Flywheel:
     def playground(self) -> HTMLResponse:
         return HTMLResponse(playground_html())
 
-    @app.post("/generate", dependencies=CLIENT, response_model=GenerateResponse)
+    # Each route's name is its `endpoint` label in the project's metrics.
+    @app.post("/generate", dependencies=CLIENT, response_model=GenerateResponse, name="generate")
     async def generate(
         self, body: GenerateRequest, memory: MemoryChoice = None, docs: RetrievalChoice = None
     ) -> JSONResponse:
         return await self.gateway.generate(body, Asked(memory != "off", docs != "off"))
 
-    @app.post("/v1/chat/completions", dependencies=CLIENT, response_model=None)
+    @app.post("/v1/chat/completions", dependencies=CLIENT, response_model=None, name="chat")
     async def chat_completions(
         self, body: ChatCompletionRequest, memory: MemoryChoice = None, docs: RetrievalChoice = None
     ) -> JSONResponse | StreamingResponse:
         return await self.gateway.chat_completions(body, Asked(memory != "off", docs != "off"))
 
-    @app.post("/v1/completions", dependencies=CLIENT, response_model=None)
+    @app.post("/v1/completions", dependencies=CLIENT, response_model=None, name="completion")
     async def completions(
         self, body: CompletionRequest, memory: MemoryChoice = None
     ) -> JSONResponse | StreamingResponse:
@@ -197,31 +197,31 @@ class Flywheel:
 
     @app.get("/v1/models", dependencies=CLIENT)
     async def models(self) -> dict:
-        return await self.gateway.models()
+        return await self.gateway.models.listing()
 
     @app.get("/v1/models/{model_id:path}", dependencies=CLIENT)
     async def model(self, model_id: str) -> dict:
-        return await self.gateway.model(model_id)
+        return await self.gateway.models.model(model_id)
 
     @app.post("/feedback", dependencies=CLIENT)
     async def feedback(self, body: FeedbackRequest, request: Request) -> FeedbackResponse:
-        return await self.gateway.feedback(body, client=client_id(request))
+        return await self.gateway.feedback.submit(body, client=client_id(request))
 
-    @app.post("/admin/reload", dependencies=ADMIN)
+    @app.post("/admin/reload", dependencies=ADMIN, name="reload")
     async def reload(self, body: ReloadRequest) -> dict:
-        return await self.gateway.reload(body)
+        return await self.gateway.models.reload(body)
 
     @app.delete("/admin/models/{model}", dependencies=ADMIN)
     async def unload(self, model: str) -> dict:
-        return await self.gateway.unload(model)
+        return await self.gateway.models.unload(model)
 
     @app.get("/admin/memory", dependencies=ADMIN)
     def memory_entries(self) -> dict:
-        return self.gateway.memory_entries()
+        return self.gateway.feedback.memory_entries()
 
     @app.delete("/admin/memory/{entry_id}", dependencies=ADMIN)
     def forget(self, entry_id: str) -> dict:
-        return self.gateway.forget(entry_id)
+        return self.gateway.feedback.forget(entry_id)
 
 
 # On the service, not the mounted app, so BentoML's own routes (/metrics, /healthz) carry it too.

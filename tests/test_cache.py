@@ -163,14 +163,16 @@ class CountingEngine:
 
 
 def test_a_served_version_generates_a_greedy_request_once(champion_home, monkeypatch) -> None:
-    from components.serving.model import GenerationInput, LoadedModel, ServedModel
+    from components.serving.loading import LoadedModel
+    from components.serving.model import ServedModel
+    from components.serving.protocol import GenerationInput
 
     monkeypatch.setenv("FLYWHEEL_HOME", str(champion_home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{champion_home / 'mlflow.db'}")
     monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
     served = ServedModel.from_uri("models:/flywheel-llm-tiny/1", warmup=False)
-    engine = CountingEngine(served.current.engine)
-    v1 = replace(served.current, engine=engine)
+    engine = CountingEngine(served.loaded.engine)
+    v1 = replace(served.loaded, engine=engine)
     served._current = v1
 
     def ask(text: str, **settings) -> GenerationInput:

@@ -163,7 +163,9 @@ def test_without_an_exporter_the_service_serves_the_reference_and_says_why(
     champion_home, monkeypatch, tmp_path
 ) -> None:
     from components.config import load_profile
-    from components.serving.model import GenerationInput, ServedModel, default_model_uri
+    from components.serving.loading import default_model_uri
+    from components.serving.model import ServedModel
+    from components.serving.protocol import GenerationInput
 
     monkeypatch.setenv("FLYWHEEL_HOME", str(champion_home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{champion_home / 'mlflow.db'}")
@@ -171,8 +173,8 @@ def test_without_an_exporter_the_service_serves_the_reference_and_says_why(
     monkeypatch.setenv("FLYWHEEL_EXPORT_VENV", str(tmp_path / "missing"))
     config = load_profile("tiny", ["serve.engine.name=openvino"])
     served = ServedModel.from_uri(default_model_uri(), warmup=False, config=config)
-    assert served.current.engine.name == "transformers"
-    assert "make engine-setup" in (served.current.fallback or "")
+    assert served.loaded.engine.name == "transformers"
+    assert "make engine-setup" in (served.loaded.fallback or "")
     [out] = served.generate([GenerationInput(text="hi", max_new_tokens=3)])
     assert out.error is None and out.completion_tokens == 3
 
@@ -263,7 +265,8 @@ def test_a_refused_conversion_is_served_on_the_reference_and_recorded(
     from components.config import load_profile
     from components.registry.tracking import mlflow_client
     from components.serving import quality
-    from components.serving.model import ServedModel, default_model_uri
+    from components.serving.loading import default_model_uri
+    from components.serving.model import ServedModel
 
     monkeypatch.setenv("FLYWHEEL_HOME", str(champion_home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{champion_home / 'mlflow.db'}")
@@ -273,8 +276,8 @@ def test_a_refused_conversion_is_served_on_the_reference_and_recorded(
     # int8 weights: a folder not yet checked in this home
     config = load_profile("tiny", ["serve.engine.name=openvino", "serve.engine.weights=int8"])
     served = ServedModel.from_uri(default_model_uri(), warmup=False, config=config)
-    assert served.current.engine.name == "transformers"
-    assert "below the float32 reference" in served.current.fallback
+    assert served.loaded.engine.name == "transformers"
+    assert "below the float32 reference" in served.loaded.fallback
     tags = mlflow_client().get_model_version("flywheel-llm-tiny", "1").tags
     assert tags["serving.engine"] == "transformers"
     assert "below the float32 reference" in tags["serving.fallback"]

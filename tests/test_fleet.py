@@ -7,6 +7,7 @@ import time
 import httpx
 import pytest
 
+from service.generator_client import ERROR_STATUS
 from tests.conftest import ServedService, sqlite_uri
 
 # The tiny champion (version 1) beside the base model as the general model, which the router
@@ -43,7 +44,7 @@ def champion_env(champion_home, monkeypatch):
 def test_the_memory_budget_refuses_a_model_that_does_not_fit(champion_env) -> None:
     from components.config import load_profile
     from components.serving.fleet import GB, BudgetExceeded, ModelSet
-    from components.serving.model import GenerationInput
+    from components.serving.protocol import GenerationInput
 
     config = load_profile("tiny")
     models = ModelSet(config, warmup=False)
@@ -63,7 +64,7 @@ def test_the_memory_budget_refuses_a_model_that_does_not_fit(champion_env) -> No
 def test_a_batch_for_several_models_is_answered_by_each(champion_env) -> None:
     from components.config import load_profile
     from components.serving.fleet import ModelSet
-    from components.serving.model import GenerationInput
+    from components.serving.protocol import GenerationInput
 
     models = ModelSet(load_profile("tiny"), warmup=False)
     models.load("champion", "@champion")
@@ -81,7 +82,7 @@ def test_a_batch_for_several_models_is_answered_by_each(champion_env) -> None:
         ("champion", "1"),
         ("general", "base"),
     ]
-    assert (outputs[3].error_code, outputs[3].error_param, outputs[3].error_status) == (
+    assert (outputs[3].error_code, outputs[3].error_param, ERROR_STATUS[outputs[3].error_code]) == (
         "model_not_found",
         "model",
         404,

@@ -8,6 +8,7 @@ import pytest
 
 from components.inference_store import InferenceRecord, InferenceStore, UnknownRequest
 from components.model.generation import GenerationRequest, generate_requests, group_requests
+from service.generator_client import ERROR_STATUS
 
 
 def req(max_new_tokens: int, temperature: float = 0.0, stop: tuple = ()) -> GenerationRequest:
@@ -213,13 +214,15 @@ def test_a_vanishing_temperature_decodes_greedily(tiny_base, temperature) -> Non
 
 
 def test_one_request_that_breaks_generation_fails_alone(champion_home, monkeypatch) -> None:
-    from components.serving.model import GenerationInput, ServedModel, default_model_uri
+    from components.serving.loading import default_model_uri
+    from components.serving.model import ServedModel
+    from components.serving.protocol import GenerationInput
 
     monkeypatch.setenv("FLYWHEEL_HOME", str(champion_home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{champion_home / 'mlflow.db'}")
     monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
     served = ServedModel.from_uri(default_model_uri(), warmup=False)
-    engine = served.current.engine
+    engine = served.loaded.engine
     real = engine.generate
 
     def fragile(requests):
@@ -242,7 +245,7 @@ def test_a_missing_champion_is_one_clear_error_and_not_ready(home, monkeypatch) 
 
     from components.config import load_profile
     from components.serving.fleet import ModelSet
-    from components.serving.model import GenerationInput
+    from components.serving.protocol import GenerationInput
 
     models = ModelSet.load_in_background(load_profile("tiny"))
     champion = models.slots["champion"]
@@ -256,7 +259,7 @@ def test_a_missing_champion_is_one_clear_error_and_not_ready(home, monkeypatch) 
     assert models.listing() == [{"name": "champion", "ready": False, "error": champion.error}]
     item = GenerationInput(text="hi", max_new_tokens=2)
     [output] = models.generate([item])
-    assert output.error_code == "model_not_ready" and output.error_status == 503
+    assert output.error_code == "model_not_ready" and ERROR_STATUS[output.error_code] == 503
     assert next(models.stream(item)).error_code == "model_not_ready"
 
 
@@ -301,8 +304,8 @@ def client_for(champion_home, monkeypatch):
     from components.config import MemoryConfig, RetrievalConfig
     from components.retrieval.index import build_index
     from components.serving.fleet import ModelSet
-    from components.serving.model import default_model_uri, serve_settings, serving_profile
-    from service.gateway import Gateway
+    from components.serving.loading import default_model_uri, serve_settings, serving_profile
+    from service.routes import Gateway
     from service.service import app
 
     served = ModelSet(serving_profile(), warmup=False)
@@ -448,11 +451,11 @@ class UnreachableGenerator:
 )
 def test_an_unreachable_generator_is_a_503_to_retry_on_every_route(client_for, path, body) -> None:
     client = client_for()
-    client.gateway.generator = UnreachableGenerator()
+    client.gateway.generator.generator = UnreachableGenerator()
     response = client.post(path, json=body)
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "unavailable"
-    assert client.gateway.generator.calls >= 1
+    assert client.gateway.generator.generator.calls >= 1
 
 
 FACT = {

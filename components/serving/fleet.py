@@ -20,15 +20,11 @@ from collections.abc import Generator
 from typing import Any
 
 from components.config import PipelineConfig
-from components.registry.register import CANARY, CHAMPION, version_at
+from components.registry.aliases import CANARY, CHAMPION, version_at
 from components.serving.cache import ResponseCache
-from components.serving.model import (
-    GenerationInput,
-    GenerationOutput,
-    LoadedModel,
-    ServedModel,
-    default_model_uri,
-)
+from components.serving.loading import LoadedModel, default_model_uri
+from components.serving.model import ServedModel
+from components.serving.protocol import GenerationInput, GenerationOutput, failed
 
 log = logging.getLogger("flywheel.generator")
 GB = 2**30
@@ -164,11 +160,10 @@ class ModelSet:
             name, slot = CHAMPION, self.slots[CHAMPION]  # the router's model is not serving
         if slot is None:
             served = ", ".join(self.slots)
-            return GenerationOutput(
-                error=f"model {item.model!r} is not served here; GET /v1/models lists {served}",
-                error_code="model_not_found",
-                error_param="model",
-                error_status=404,
+            return failed(
+                f"model {item.model!r} is not served here; GET /v1/models lists {served}",
+                "model_not_found",
+                "model",
             )
         return name, slot
 

@@ -1,238 +1,28 @@
-"""The model behind the service: resolve a registry URI, load, warm up, serve, swap.
+"""The served model: one loaded version at a time, swapped without a pause, answering batches,
+streams and fixed answers' token counts; failures are outputs that say their kind.
 
 Kept free of BentoML so it can be tested in-process; service/ wraps it in BentoML APIs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Generator
 
-from pydantic import BaseModel
-
-from components.config import PipelineConfig, ServeConfig, load_profile
+from components.config import PipelineConfig
 from components.model.chat import render_chat
 from components.model.generation import Generation, GenerationRequest
-from components.paths import flywheel_home
 from components.serving.cache import CachedAnswer, Lookup, ResponseCache, cacheable
-from components.serving.engine import Engine
+from components.serving.loading import (
+    LoadedModel,
+    ModelNotFound,
+    load_model_version,
+    resolve_model_uri,
+    serving_profile,
+)
+from components.serving.protocol import GenerationInput, GenerationOutput, failed
 
 log = logging.getLogger("flywheel.generator")
-
-
-def serving_profile() -> PipelineConfig:
-    """The profile the service runs with (`FLYWHEEL_PROFILE`, default cpu-small)."""
-    return load_profile(os.environ.get("FLYWHEEL_PROFILE", "cpu-small"))
-
-
-def serve_settings() -> ServeConfig:
-    return serving_profile().serve
-
-
-def default_model_uri(config: PipelineConfig | None = None) -> str:
-    """`FLYWHEEL_MODEL_URI`, else the profile's `serve.models.champion` (its registered model
-    at alias `champion` unless the profile says otherwise)."""
-    config = config or serving_profile()
-    return os.environ.get("FLYWHEEL_MODEL_URI") or config.serve.models["champion"]
-
-
-class GenerationInput(BaseModel):
-    """What the generator receives: chat messages (templated here) or raw text."""
-
-    messages: list[dict[str, str]] | None = None
-    text: str | None = None
-    # Which served model answers (a name in `serve.models`, or `canary`); None: the
-    # champion, or the canary for its share of users (`user` keeps a user on one of them).
-    model: str | None = None
-    routed: bool = False  # `model` is the router's choice: the champion answers without it
-    user: str | None = None
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = []
-
-
-class GenerationOutput(BaseModel):
-    text: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    confidence: float | None = None
-    model_version: str = ""
-    model: str = ""  # the name of the served model that answered
-    error: str | None = None
-    error_param: str | None = None
-    error_code: str | None = None
-    error_status: int = 400  # the HTTP status the gateway answers the error with
-    cache: Lookup = "off"  # what the response cache did: hit, miss, error (unreachable), off
-
-
-def _failed(message: str, code: str, status: int = 400) -> GenerationOutput:
-    return GenerationOutput(error=message, error_code=code, error_status=status)
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    name: str
-    version: str
-    engine: Engine
-    tokenizer: Any
-    context_length: int
-    fallback: str | None = None  # why the configured engine is not the one serving
-    quality: str | None = None  # the converted engine's quality check, when it serves
-
-
-class ModelNotFound(LookupError):
-    """The registry has no such model version or alias."""
-
-
-BASE = "base"  # the source, and the version label, of the base model served without adapter
-
-
-def resolve_model_uri(uri: str, config: PipelineConfig | None = None) -> tuple[str, str]:
-    """A model source -> (name, version): `models:/name@alias`, `models:/name/version`,
-    `@alias` (of the profile's registered model), or `base` (the profile's base model, version
-    label `base`)."""
-    from components.registry.tracking import mlflow_client
-
-    config = config or serving_profile()
-    if uri == BASE:
-        return config.model.base_model, BASE
-    if uri.startswith("@"):
-        uri = f"models:/{config.registry.model_name}{uri}"
-    if not uri.startswith("models:/"):
-        raise ValueError(
-            f"model URI must look like models:/<name>@<alias>, models:/<name>/<version>, "
-            f"@<alias> or base, got {uri!r}"
-        )
-    from mlflow.exceptions import MlflowException
-
-    from components.paths import tracking_uri
-
-    ref = uri.removeprefix("models:/")
-    client = mlflow_client()
-    name, sep, alias = ref.partition("@")
-    try:
-        if sep:
-            return name, str(client.get_model_version_by_alias(name, alias).version)
-        name, version = ref.rsplit("/", 1)
-        return name, str(client.get_model_version(name, version).version)
-    except MlflowException:
-        what = f"no {alias} for {name}" if sep else f"no version {ref}"
-        raise ModelNotFound(f"{what} in {tracking_uri()}: run make train first") from None
-
-
-def load_model_version(name: str, version: str, config: PipelineConfig) -> LoadedModel:
-    """Load a registered version (its adapter over its base), or the profile's base model
-    alone (version `base`), on the configured engine; if the engine cannot take it, load it on
-    the transformers reference and say why."""
-    from transformers import AutoConfig
-
-    from components.model.chat import load_tokenizer
-
-    with _weights(name, version, config) as (cache, base_path, adapter_dir):
-        tokenizer = load_tokenizer(adapter_dir or base_path, padding_side="left")
-        architecture = AutoConfig.from_pretrained(base_path)
-        context = int(getattr(architecture, "max_position_embeddings", 2048))
-        loaded, fallback = None, None
-        if config.serve.engine.name == "openvino":
-            try:
-                served, quality = openvino_engine(cache, base_path, adapter_dir, tokenizer, config)
-                loaded = LoadedModel(name, version, served, tokenizer, context, quality=quality)
-            except Exception as exc:
-                fallback = f"cannot serve version {version} on OpenVINO: {exc}"
-                log.warning("%s; serving it on transformers", fallback)
-        if loaded is None:
-            reference = transformers_engine(base_path, adapter_dir)
-            loaded = LoadedModel(name, version, reference, tokenizer, context, fallback)
-    if version != BASE:
-        record_engine(loaded)
-    return loaded
-
-
-@contextlib.contextmanager
-def _weights(
-    name: str, version: str, config: PipelineConfig
-) -> Iterator[tuple[Path, str, str | None]]:
-    """(the version's cache folder, base model folder, adapter folder or None), the adapter
-    downloaded into a temporary folder that lasts while the model loads."""
-    if version == BASE:
-        from components.model.base_model import resolve_base_model
-
-        base = resolve_base_model(config.model)
-        cache = flywheel_home() / "serving" / BASE / base.sha256[:16]
-        cache.mkdir(parents=True, exist_ok=True)
-        yield cache, base.path, None
-        return
-    from components.registry.register import download_version
-
-    cache = flywheel_home() / "serving" / name / version
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        base_path, adapter_dir = download_version(name, version, Path(tmp))
-        yield cache, base_path, adapter_dir
-
-
-def prepare_version(name: str, version: str, config: PipelineConfig) -> str:
-    """Convert and check a version for the profile's engine ahead of serving it, so that the
-    service loads it in seconds (the deploy flow runs this); says what will serve it."""
-    if config.serve.engine.name == "transformers":
-        return "engine: transformers (the reference)"
-    loaded = load_model_version(name, version, config)
-    loaded.engine.close()
-    return f"engine: {loaded.engine.name} ({loaded.fallback or loaded.quality})"
-
-
-def openvino_engine(
-    cache: Path, base_path: str, adapter_dir: str | None, tokenizer: Any, config: PipelineConfig
-) -> tuple[Engine, str]:
-    """The version on OpenVINO, once its answers passed the quality check (and the check's
-    summary); `EngineRejected` if they did not."""
-    from components.serving.convert import openvino_folder
-    from components.serving.engine import OpenVINOEngine
-    from components.serving.quality import EngineRejected, check_engine, checked_once
-
-    engine = config.serve.engine
-    folder = openvino_folder(cache, base_path, adapter_dir, engine.weights)
-    served = OpenVINOEngine(folder, tokenizer, engine)
-    quality = checked_once(
-        folder,
-        lambda: check_engine(served, tokenizer, base_path, adapter_dir, config),
-    )
-    log.info("quality check: %s", quality.summary())
-    if not quality.passed:
-        served.close()
-        raise EngineRejected(quality.summary())
-    return served, quality.summary()
-
-
-def record_engine(loaded: LoadedModel) -> None:
-    """Say on the registered version which engine serves it, and why."""
-    from components.registry.tracking import mlflow_client
-
-    tags = {"serving.engine": loaded.engine.name}
-    if loaded.quality:
-        tags["serving.quality"] = loaded.quality
-    if loaded.fallback:
-        tags["serving.fallback"] = loaded.fallback
-    try:
-        client = mlflow_client()
-        for key, value in tags.items():
-            client.set_model_version_tag(loaded.name, loaded.version, key, value[:5000])
-    except Exception as exc:  # the registry being away never stops serving
-        log.warning("could not record the engine on version %s: %s", loaded.version, exc)
-
-
-def transformers_engine(base_path: str, adapter_dir: str | None) -> Engine:
-    from components.model.generation import load_for_inference
-    from components.serving.engine import TransformersEngine
-
-    return TransformersEngine(*load_for_inference(base_path, adapter_dir))
 
 
 class ServedModel:
@@ -284,12 +74,6 @@ class ServedModel:
         """The model serving now, if any."""
         return self._current
 
-    @property
-    def current(self) -> LoadedModel:
-        if self._current is None:
-            raise ModelNotReady(self.error or "the model is still loading")
-        return self._current
-
     def _warm(self, loaded: LoadedModel) -> None:
         # The first generate call pays for lazy initialisation; do it before taking traffic.
         if self.warmup:
@@ -322,19 +106,24 @@ class ServedModel:
         if previous is not None:
             previous.engine.close()
 
+    def _serving(self) -> LoadedModel | GenerationOutput:
+        """The model serving now, or the `model_not_ready` output that says why none is."""
+        if self._current is None:
+            reason = self.error or "the model is still loading"
+            return failed(f"the model is not ready: {reason}", "model_not_ready")
+        return self._current
+
     def generate(self, inputs: list[GenerationInput]) -> list[GenerationOutput]:
-        try:
-            loaded = self.current
-        except ModelNotReady as exc:
-            return [_failed(f"the model is not ready: {exc}", "model_not_ready", 503)] * len(inputs)
+        loaded = self._serving()
+        if isinstance(loaded, GenerationOutput):
+            return [loaded] * len(inputs)
         return run_inputs(loaded, inputs, self.cache)
 
     def count_tokens(self, item: GenerationInput, answer: str) -> GenerationOutput:
         """`answer` (given by the correction memory) as an output with this model's token counts."""
-        try:
-            loaded = self.current
-        except ModelNotReady as exc:
-            return _failed(f"the model is not ready: {exc}", "model_not_ready", 503)
+        loaded = self._serving()
+        if isinstance(loaded, GenerationOutput):
+            return loaded
         checked = check_input(loaded, item)
         if isinstance(checked, GenerationOutput):
             return checked
@@ -352,10 +141,9 @@ class ServedModel:
         Streams take the same one-call-at-a-time lock as batches (inside the generation
         thread, so a slow reader never holds it), and an error ends the stream with an
         error output instead of a hang."""
-        try:
-            loaded = self.current
-        except ModelNotReady as exc:
-            yield _failed(f"the model is not ready: {exc}", "model_not_ready", 503)
+        loaded = self._serving()
+        if isinstance(loaded, GenerationOutput):
+            yield loaded
             return
         checked = check_input(loaded, item)
         if isinstance(checked, GenerationOutput):
@@ -384,7 +172,7 @@ class ServedModel:
                 yield GenerationOutput(text=piece, model_version=loaded.version, cache=lookup)
         except Exception as exc:
             log.warning("stream failed: %s", exc)
-            yield _failed(str(exc), "generation_failed", 500)
+            yield failed(str(exc), "generation_failed")
             return
         finally:
             pieces.close()
@@ -394,10 +182,6 @@ class ServedModel:
             model_version=loaded.version,
             cache=lookup,
         )
-
-
-class ModelNotReady(RuntimeError):
-    """No model is loaded yet (still loading, or it could not be loaded)."""
 
 
 def _prompt_text(loaded: LoadedModel, item: GenerationInput) -> str:
@@ -422,16 +206,15 @@ def check_input(loaded: LoadedModel, item: GenerationInput) -> tuple[str, int] |
     try:
         prompt = _prompt_text(loaded, item)
     except Exception as exc:  # a template that rejects this conversation
-        error = _failed(f"cannot apply the chat template: {exc}", "invalid_request_error")
-        return error.model_copy(update={"error_param": param})
+        return failed(f"cannot apply the chat template: {exc}", "invalid_request_error", param)
     n_tokens = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if n_tokens + item.max_new_tokens > loaded.context_length:
-        error = _failed(
+        return failed(
             f"the prompt is {n_tokens} tokens; with max_new_tokens {item.max_new_tokens} it "
             f"exceeds the model's context of {loaded.context_length} tokens",
             "context_length_exceeded",
+            param,
         )
-        return error.model_copy(update={"error_param": param})
     return prompt, n_tokens
 
 
@@ -495,7 +278,7 @@ def run_inputs(
             try:
                 results.extend(_outputs(loaded, [request]))
             except Exception as exc:
-                results.append(_failed(f"generation failed: {exc}", "generation_failed", 500))
+                results.append(failed(f"generation failed: {exc}", "generation_failed"))
     for (i, request), output in zip(valid, results, strict=True):
         outputs[i] = output.model_copy(update={"cache": lookups[i]})
         if cache is not None and lookups[i] == "miss" and output.error is None:
