@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from components.config import load_profile
-from components.data.split import load_frozen_test
+from components.data.ingest import load_frozen_test
 from components.evaluate.evaluation import (
     METRICS,
     ModelSpec,
@@ -31,7 +31,7 @@ from components.evaluate.evaluation import (
 from components.paths import flywheel_home
 from components.registry.register import download_version
 from components.retrieval.index import profile_index
-from components.serving.model import resolve_model_uri
+from components.serving.loading import resolve_model_uri
 
 
 def main(argv: list[str] | None = None) -> int:

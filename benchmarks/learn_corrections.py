@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from components.paths import flywheel_home
+from benchmarks.homes import use_fresh_home
+from components.model.generation import generate_chat, load_for_inference
 from components.records import read_jsonl, write_jsonl
+from components.registry.register import download_version
 
 
 def stated(model: object, tokenizer: object, facts: list[dict], field: str) -> list[bool]:
-    from components.model.generation import generate_chat
 
     conversations = [[{"role": "user", "content": f[field]}] for f in facts]
     answers = generate_chat(model, tokenizer, conversations, max_new_tokens=40)
@@ -41,23 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     facts = read_jsonl(args.facts)
-    home = flywheel_home() / "benchmarks" / f"learn-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.environ["FLYWHEEL_MODEL_CACHE"] = os.environ.get(
-        "FLYWHEEL_MODEL_CACHE", str(flywheel_home() / "models")
-    )
-    os.environ["FLYWHEEL_HOME"] = str(home)  # a fresh registry, store and curated folder
-    os.environ.setdefault("DO_NOT_TRACK", "1")  # offline: no telemetry from the libraries
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("FLYWHEEL_CURATED_DIR", None)
+    home = use_fresh_home("learn")  # a fresh registry, store and curated folder
     rows = [
         {"instruction": f["q"], "output": f["a"], "request_id": f"fact-{i}", "source": "feedback"}
         for i, f in enumerate(facts)
     ]
     write_jsonl(home / "curated" / "0001-feedback.jsonl", rows)
 
-    from components.model.generation import load_for_inference
-    from components.registry.register import download_version
+    # Imported once the fresh home is set: Prefect reads its settings when it is imported.
     from flows.training_pipeline import training_pipeline
 
     started = time.perf_counter()

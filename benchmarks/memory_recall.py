@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from components.config import OVERRIDES_ENV
-from components.paths import REPO_ROOT, flywheel_home
+from components.paths import REPO_ROOT, benchmarks_dir
 from components.process import Server
 from components.records import read_jsonl
 from components.serving.deploy import serve_command, service_env
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     facts = read_jsonl(args.facts)
-    out_dir = flywheel_home() / "benchmarks"
+    out_dir = benchmarks_dir()
     if args.url:
         figures = measure(args.url, facts, unrelated_prompts())
     else:

@@ -13,12 +13,13 @@ import argparse
 import numpy as np
 
 from components.config import load_profile
-from components.data.split import load_frozen_test
+from components.data.ingest import load_frozen_test
 from components.domain import DomainModel
 from components.model.embedding import sentence_embedder
 from components.paths import REPO_ROOT
 from components.records import read_jsonl
-from components.registry.register import current_champion, training_prompts
+from components.registry.aliases import current_champion
+from components.registry.register import training_prompts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,10 +35,15 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from components.config import OVERRIDES_ENV, load_profile
-from components.paths import REPO_ROOT, flywheel_home
+from components.model.chat import load_tokenizer, render_chat
+from components.model.generation import GenerationRequest, load_for_inference
+from components.paths import REPO_ROOT, benchmarks_dir, serving_dir
 from components.process import Server
 from components.records import read_jsonl
+from components.registry.register import download_version
 from components.serving.deploy import serve_command, service_env
+from components.serving.engine import OpenVINOEngine
+from components.serving.loading import resolve_model_uri
 
 LLAMA_CPP = REPO_ROOT / ".llamacpp"  # `make llamacpp`: the source and build/bin/llama-server
 
@@ -187,16 +192,9 @@ def engine_ceiling(
     client thread sends its next request as soon as the last is answered."""
     import threading
 
-    from components.model.chat import load_tokenizer, render_chat
-    from components.model.generation import GenerationRequest
-    from components.serving.engine import OpenVINOEngine
-    from components.serving.model import resolve_model_uri
-
     config = load_profile(profile)
     name, version = resolve_model_uri(f"models:/{config.registry.model_name}@champion")
-    folder = (
-        flywheel_home() / "serving" / name / version / f"openvino-{config.serve.engine.weights}"
-    )
+    folder = serving_dir(name, version) / f"openvino-{config.serve.engine.weights}"
     tokenizer = load_tokenizer(str(folder), padding_side="left")
     engine = OpenVINOEngine(folder, tokenizer, config.serve.engine)
     requests = [
@@ -235,13 +233,10 @@ def llama_server(profile: str, port: int, slots: int, folder: Path) -> Server | 
     if not binary.is_file():
         print(f"llama.cpp: no {binary} (`make llamacpp` builds it); its row is left out")
         return None
-    from components.model.generation import load_for_inference
-    from components.registry.register import download_version
-    from components.serving.model import resolve_model_uri
 
     config = load_profile(profile)
     name, version = resolve_model_uri(f"models:/{config.registry.model_name}@champion")
-    gguf = flywheel_home() / "serving" / name / version / "llamacpp-q8_0.gguf"
+    gguf = serving_dir(name, version) / "llamacpp-q8_0.gguf"
     if not gguf.is_file():
         with tempfile.TemporaryDirectory(dir=gguf.parent) as tmp:
             base, adapter = download_version(name, version, Path(tmp))
@@ -333,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         load_all("service", generate_call(url, new_tokens))
         load_all("service stream", openai_call(url, new_tokens, stream=True))
         return report(args, results)
-    logs = flywheel_home() / "benchmarks" / "logs"
+    logs = benchmarks_dir() / "logs"
     for runtime in args.runtimes:
         if runtime == "llamacpp":
             slots = max(args.clients)
@@ -377,7 +372,7 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> int:
             print(
                 f"{clients:>3} clients: the service on OpenVINO reaches {share:.0%} of the engine"
             )
-    out = flywheel_home() / "benchmarks" / f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = benchmarks_dir() / f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     print(f"written to {out}")

@@ -27,10 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.homes import use_fresh_home
 from benchmarks.memory_recall import ask, measure, unrelated_prompts
 from components.config import OVERRIDES_ENV, load_profile
-from components.paths import REPO_ROOT, flywheel_home
+from components.data.curated import held_out
+from components.paths import REPO_ROOT
 from components.records import read_jsonl
+from components.serving.deploy import stop_service
 
 
 def weights_alone(url: str, facts: list[dict], never_seen: list[bool]) -> dict:
@@ -56,23 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     facts = read_jsonl(args.facts)
-    home = flywheel_home() / "benchmarks" / f"two-speeds-{time.strftime('%Y%m%d-%H%M%S')}"
-    home.mkdir(parents=True)
-    os.environ["FLYWHEEL_MODEL_CACHE"] = os.environ.get(
-        "FLYWHEEL_MODEL_CACHE", str(flywheel_home() / "models")
+    # A fresh registry, store, memory and curated folder, and the service's own homes in it.
+    home = use_fresh_home(
+        "two-speeds", **{OVERRIDES_ENV: f"memory.trust=feedback serve.port={args.port}"}
     )
-    for name, value in {
-        "FLYWHEEL_HOME": str(home),  # a fresh registry, store, memory and curated folder
-        "PREFECT_HOME": str(home / "prefect"),
-        "BENTOML_HOME": str(home / "bentoml"),
-        OVERRIDES_ENV: f"memory.trust=feedback serve.port={args.port}",
-    }.items():
-        os.environ[name] = value
-    for name in ("MLFLOW_TRACKING_URI", "FLYWHEEL_CURATED_DIR", "FLYWHEEL_FEEDBACK_DB"):
-        os.environ.pop(name, None)
+    os.environ.update(PREFECT_HOME=str(home / "prefect"), BENTOML_HOME=str(home / "bentoml"))
 
-    from components.data.curated import held_out
-    from components.serving.deploy import stop_service
+    # Imported once the fresh home is set: Prefect reads its settings when it is imported.
     from flows.deploy import deploy
     from flows.training_pipeline import training_pipeline
 
@@ -82,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     first = training_pipeline(profile=args.profile)
     if not first["promoted"]:
         raise SystemExit(f"the first model was not promoted: {first['reason']}")
-    deploy(first["model_name"], first["version"], args.profile, port=args.port)
+    deploy(first["model_name"], first["version"], load_profile(args.profile), port=args.port)
     figures: dict = {"facts": len(facts), "first_version": first["version"]}
     try:
         figures["weights_alone"] = {"first": weights_alone(url, facts, [True] * len(facts))}

@@ -7,7 +7,6 @@ a typo in a profile fails loudly instead of silently falling back to a default.
 from __future__ import annotations
 
 import copy
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from components.paths import REPO_ROOT, resolve_path
+from components.settings import settings
 
 PROFILES_DIR = REPO_ROOT / "deployments" / "profiles"
 
@@ -342,7 +342,7 @@ class RetrievalConfig(StrictModel):
     absolute); passages that share a word n-gram with a frozen test answer are left out."""
 
     enabled: bool = False
-    corpus: list[str] = ["README.md"]
+    corpus: list[str] = ["docs"]
     top_k: int = Field(default=3, ge=1, le=20)
     passage_chars: int = Field(default=700, ge=100)  # a section is split into passages this long
     min_score: float = Field(default=0.0, ge=0)  # BM25 score below which a passage is not given
@@ -422,7 +422,7 @@ def env_overrides() -> list[str]:
     """Settings from `FLYWHEEL_SET` (`"serve.port=3100 serve.batching=false"`), shell-quoted."""
     import shlex
 
-    return shlex.split(os.environ.get(OVERRIDES_ENV, ""))
+    return shlex.split(settings().profile_overrides)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

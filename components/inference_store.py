@@ -22,17 +22,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from components.paths import flywheel_home
+from components.paths import feedback_db_url, spool_dir
 
 Rating = Literal["up", "down"]
 log = logging.getLogger("flywheel.store")
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # then every 5 s while the database is away
 FLUSH_TIMEOUT_S = 20.0  # how long feedback waits for its generation to reach the database
-
-
-def feedback_db_url() -> str:
-    """`FLYWHEEL_FEEDBACK_DB`, else a SQLite file under the home folder."""
-    return os.environ.get("FLYWHEEL_FEEDBACK_DB") or f"sqlite:///{flywheel_home() / 'feedback.db'}"
 
 
 @dataclass(frozen=True)
@@ -161,7 +156,7 @@ class InferenceStore:
         self._add_missing_columns()
         digest = hashlib.sha256(self.engine.url.render_as_string().encode()).hexdigest()[:12]
         # One spool file per process, so two processes never write or remove each other's.
-        self.spool = flywheel_home() / "spool" / f"inference-{digest}-{os.getpid()}.jsonl"
+        self.spool = spool_dir() / f"inference-{digest}-{os.getpid()}.jsonl"
         self._spool_lock = threading.Lock()
         self._pending = 0  # queued or spooled rows not yet in the database
         self._written = threading.Condition()

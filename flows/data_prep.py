@@ -9,14 +9,16 @@ from prefect import flow, task
 
 from components.config import PipelineConfig
 from components.data.clean import CleanResult, clean
-from components.data.curated import curated_dir
-from components.data.ingest import IngestResult, ingest
+from components.data.ingest import IngestResult, ingest, load_frozen_test
 from components.data.live import LiveSet, build_live_set, with_variants
-from components.data.split import SplitResult, load_frozen_test, split
+from components.data.split import SplitResult, split
 from components.model.base_model import BaseModelRef
 from components.model.chat import chat_token_counter, load_tokenizer
+from components.model.embedding import sentence_embedder
+from components.paths import curated_dir
 from components.records import Example, content_hash, load_examples, save_examples
 from components.registry.tracking import RunLogger
+from components.train.recipe import augment_curated
 from flows.reports import publish_data_report
 
 
@@ -86,12 +88,9 @@ def apply_recipe(config: PipelineConfig, splits: SplitResult, out_dir: Path) -> 
     the rewrites it sets aside (the early-stopping set as `stop.jsonl`)."""
     from dataclasses import replace
 
-    from components.train.recipe import augment_curated
-
     train = load_examples(Path(splits.train_path))
     if not any(e.origin == "feedback" for e in train):
         return Recipe(splits, [], None)
-    from components.model.embedding import sentence_embedder
 
     embedder = sentence_embedder(config.memory.embedding_model)
     augmented = augment_curated(train, config.recipe, embedder, config.data.seed)

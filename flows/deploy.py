@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from components.config import load_profile
+from components.config import PipelineConfig, load_profile
 from components.memory.retire import retire_learned
-from components.registry.register import CANARY, CHAMPION
+from components.registry import aliases
+from components.registry.aliases import CANARY, CHAMPION
 from components.serving.deploy import (
     DeployError,
     DeployResult,
@@ -31,22 +31,22 @@ from components.serving.deploy import (
     roll_out,
 )
 from components.serving.deploy import smoke_test as run_smoke_test
-from components.serving.model import prepare_version
+from components.serving.loading import prepare_version
 
 
 @task
-def prepare(model_name: str, version: str, profile: str) -> str:
+def prepare(model_name: str, version: str, config: PipelineConfig) -> str:
     """Convert and check the version for the profile's engine before the service loads it."""
-    note = prepare_version(model_name, version, load_profile(profile))
+    note = prepare_version(model_name, version, config)
     get_run_logger().info("%s", note)
     return note
 
 
 @task
 def release(
-    model_name: str, version: str, profile: str, port: int, served_as: str
+    model_name: str, version: str, config: PipelineConfig, port: int, served_as: str
 ) -> tuple[str, str]:
-    return roll_out(model_name, version, profile, port, served_as)
+    return roll_out(model_name, version, config.name, port, served_as)
 
 
 @task
@@ -55,13 +55,13 @@ def smoke(url: str, version: str, served_as: str) -> float:
 
 
 @task
-def retire_memory(profile: str, url: str, version: str) -> str:
+def retire_memory(config: PipelineConfig, url: str, version: str) -> str:
     """Retire the memory entries the new champion states; never fails the deploy."""
     import httpx
 
     try:
         with httpx.Client(base_url=url, headers=client_auth(), timeout=300) as client:
-            outcome = retire_learned(load_profile(profile).memory, client, version)
+            outcome = retire_learned(config.memory, client, version)
     except httpx.HTTPError as exc:
         return f"memory: not checked ({exc})"
     note = f"memory: {len(outcome.retired)} of {outcome.checked} active entries retired"
@@ -72,8 +72,10 @@ def retire_memory(profile: str, url: str, version: str) -> str:
 
 
 @task
-def restore(model_name: str, previous: str | None, profile: str, port: int, action: str) -> str:
-    return roll_back(model_name, previous, profile, port, action)
+def restore(
+    model_name: str, previous: str | None, config: PipelineConfig, port: int, action: str
+) -> str:
+    return roll_back(model_name, previous, config.name, port, action)
 
 
 @task
@@ -85,39 +87,36 @@ def withdraw(model_name: str, version: str, url: str, why: str) -> str:
 @task
 def start_canary(model_name: str, version: str) -> None:
     """Mark when the canary began: the monitor compares it with the champion from then on."""
-    from components.registry.tracking import mlflow_client
-
-    client = mlflow_client()
-    client.set_registered_model_alias(model_name, CANARY, version)
-    client.set_model_version_tag(model_name, version, "canary.started_at", f"{time.time():.0f}")
+    aliases.start_canary(model_name, version)
 
 
 @flow(name="deploy", log_prints=True)
 def deploy(
     model_name: str,
     version: str,
-    profile: str = "cpu-small",
+    config: PipelineConfig,
     previous_champion: str | None = None,
     port: int | None = None,
     canary: bool = False,
 ) -> dict:
     """Serve `model_name` version `version` (as champion, or as the canary); on failure roll
-    back to `previous_champion`, or withdraw the canary."""
-    settings = load_profile(profile).serve
+    back to `previous_champion`, or withdraw the canary. `config` is the run's profile (the
+    service the flow starts, if none runs, reads the profile of that name)."""
+    settings = config.serve
     port = port or settings.port
     url, action = f"http://127.0.0.1:{port}", "swapped"
     served_as = CANARY if canary else CHAMPION
-    engine = prepare(model_name, version, profile)
+    engine = prepare(model_name, version, config)
     if canary:
         start_canary(model_name, version)
     try:
-        url, action = release(model_name, version, profile, port, served_as)
+        url, action = release(model_name, version, config, port, served_as)
         latency = smoke(url, version, served_as)
     except DeployError as exc:
         restored = (
             withdraw(model_name, version, url, f"deploy failed: {exc}")
             if canary
-            else restore(model_name, previous_champion, profile, port, action)
+            else restore(model_name, previous_champion, config, port, action)
         )
         create_markdown_artifact(
             f"## Deploy of {model_name} v{version} failed\n- reason: {exc}\n- {restored}",
@@ -128,7 +127,7 @@ def deploy(
     memory = (
         f"memory: kept (the canary answers {settings.canary.share:.0%} of the traffic)"
         if canary
-        else retire_memory(profile, url, version)
+        else retire_memory(config, url, version)
     )
     result = DeployResult(model_name, version, url, action, latency, memory, served_as)
     create_markdown_artifact(
@@ -151,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         "--canary", action="store_true", help="serve it beside the champion as the canary"
     )
     args = parser.parse_args(argv)
-    deploy(args.model, args.version, args.profile, args.previous, canary=args.canary)
+    config = load_profile(args.profile)
+    deploy(args.model, args.version, config, args.previous, canary=args.canary)
     return 0
 
 

@@ -13,7 +13,8 @@ from components.config import PipelineConfig
 from components.evaluate.evaluation import EvalResult, ModelSpec, evaluate_models
 from components.model.base_model import BaseModelRef
 from components.records import load_examples, read_jsonl
-from components.registry.register import current_champion, download_version
+from components.registry.aliases import current_champion
+from components.registry.register import download_version
 from components.registry.tracking import RunLogger
 from flows.reports import publish_eval_report
 

@@ -9,7 +9,8 @@ from prefect import flow, get_run_logger, task
 
 from components.config import PipelineConfig
 from components.model.base_model import BaseModelRef
-from components.registry.register import current_champion, download_version
+from components.registry.aliases import current_champion
+from components.registry.register import download_version
 from components.registry.tracking import RunLogger
 from components.train.finetune import FinetuneResult, continuable, finetune
 from components.train.launch import launched_finetune

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -28,30 +27,34 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from components.config import PipelineConfig, load_profile
-from components.data.curated import curate, curated_dir, summary, user_corrections
+from components.data.curated import curate, summary, user_corrections
 from components.domain import DomainModel
 from components.inference_store import InferenceStore
+from components.memory.store import CorrectionMemory
+from components.model.embedding import sentence_embedder
+from components.monitor.canary import judge_canary
 from components.monitor.decision import RetrainDecision, Signals, assess, next_state
 from components.monitor.pushed import report_decision
 from components.monitor.scrape import Scrape, ScrapeError, scrape
 from components.monitor.state import MonitorState
-from components.paths import flywheel_home
+from components.paths import curated_dir, monitor_dir
+from components.registry.aliases import CANARY, current_champion, version_at
+from components.registry.register import training_prompts
 from components.registry.tracking import RunLogger
+from components.serving.deploy import DeployError, end_canary
+from components.settings import settings
+from flows.deploy import deploy
 from flows.reports import slug
+from flows.training_pipeline import training_pipeline
 
 RetrainMode = Literal["auto", "deployment", "in-process", "off"]
 
 
 @task
-def review_canary(config: PipelineConfig, profile: str, url: str) -> dict[str, Any] | None:
+def review_canary(config: PipelineConfig, url: str) -> dict[str, Any] | None:
     """The canary's verdict (None: no canary), acted on: a promoted canary is deployed as
     champion (the deploy flow: swap, smoke test, memory), a rolled-back one withdrawn."""
     from urllib.parse import urlparse
-
-    from components.monitor.canary import judge_canary
-    from components.registry.register import CANARY, current_champion, version_at
-    from components.serving.deploy import DeployError, end_canary
-    from flows.deploy import deploy
 
     name = config.registry.model_name
     canary, champion = version_at(name, CANARY), current_champion(name)
@@ -71,7 +74,7 @@ def review_canary(config: PipelineConfig, profile: str, url: str) -> dict[str, A
     if verdict.action == "promote":
         try:
             port = urlparse(url).port or config.serve.port
-            deploy(name, str(canary.version), profile, str(champion.version), port=port)
+            deploy(name, str(canary.version), config, str(champion.version), port=port)
             decision = "promoted"
         except DeployError as exc:
             reason = f"{verdict.reason}; promotion failed: {exc}"
@@ -88,14 +91,14 @@ def review_canary(config: PipelineConfig, profile: str, url: str) -> dict[str, A
 def service_url(config: PipelineConfig) -> str:
     """`FLYWHEEL_SERVICE_URL`, else the profile's `monitor.service_url`, else localhost."""
     return (
-        os.environ.get("FLYWHEEL_SERVICE_URL")
+        settings().service_url
         or config.monitor.service_url
         or f"http://127.0.0.1:{config.serve.port}"
     )
 
 
 def state_path(config: PipelineConfig) -> Path:
-    return flywheel_home() / "monitor" / f"{config.registry.model_name}.json"
+    return monitor_dir() / f"{config.registry.model_name}.json"
 
 
 @task(retries=2, retry_delay_seconds=[2, 5])
@@ -107,8 +110,6 @@ def read_metrics(url: str) -> Scrape:
 def reference_prompts(config: PipelineConfig) -> tuple[list[str], str | None]:
     """The champion's training prompts (logged with its run), and the champion's version."""
     from mlflow.exceptions import MlflowException
-
-    from components.registry.register import current_champion, training_prompts
 
     champion = current_champion(config.registry.model_name)
     if champion is None:
@@ -155,7 +156,6 @@ def routing_domain(config: PipelineConfig, prompts: list[str]) -> DomainModel | 
     routing = config.serve.routing
     if not routing.enabled or not prompts:
         return None
-    from components.model.embedding import sentence_embedder
 
     embedder = sentence_embedder(config.memory.embedding_model)
     return DomainModel(prompts, embedder, routing.min_similarity)
@@ -163,9 +163,6 @@ def routing_domain(config: PipelineConfig, prompts: list[str]) -> DomainModel | 
 
 def corrections_waiting(config: PipelineConfig) -> int | None:
     """Served memory entries accepted after the champion was registered (None: memory off)."""
-    from components.memory.store import CorrectionMemory
-    from components.registry.register import current_champion
-
     if not config.memory.enabled:
         return None
     champion = current_champion(config.registry.model_name)
@@ -217,7 +214,7 @@ def retrain_lock(config: PipelineConfig):  # -> Iterator[bool]
     """An exclusive lock on this machine, held while a retrain runs in-process."""
     import fcntl
 
-    path = flywheel_home() / "monitor" / f"{config.registry.model_name}.retrain.lock"
+    path = monitor_dir() / f"{config.registry.model_name}.retrain.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as handle:
         try:
@@ -248,8 +245,6 @@ def curate_feedback(config: PipelineConfig, since: float) -> dict[str, Any]:
 def start_retrain(profile: str, config: PipelineConfig, mode: RetrainMode, wait: bool) -> dict:
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
-
-    from flows.training_pipeline import training_pipeline
 
     logger = get_run_logger()
     deployment = f"training-pipeline/{config.name}"
@@ -346,7 +341,7 @@ def monitor(
     path = state_path(config)
     state = MonitorState.load(path)
     url = service_url(config)
-    canary = review_canary(config, profile, url) if config.serve.canary.enabled else None
+    canary = review_canary(config, url) if config.serve.canary.enabled else None
     signals = gather(config, state, url)
     running = running_retrain(f"training-pipeline/{config.name}")
     if running is None and lock_is_held(config):

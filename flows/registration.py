@@ -9,9 +9,9 @@ from prefect import flow, task
 from components.evaluate.evaluation import EvalResult
 from components.model.base_model import BaseModelRef
 from components.paths import tracking_uri
+from components.registry.aliases import CHAMPION
 from components.registry.model_card import CardFacts, render_model_card
 from components.registry.register import (
-    CHAMPION,
     LiveEvidence,
     RegisterResult,
     register_candidate,

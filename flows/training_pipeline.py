@@ -23,9 +23,10 @@ from prefect import flow, task
 from components.config import PipelineConfig, SourceConfig, load_profile, profile_path
 from components.model.base_model import BaseModelRef, resolve_base_model
 from components.monitor.pushed import report_retrain
-from components.paths import flywheel_home, tracking_uri
+from components.paths import runs_dir, tracking_uri
+from components.registry.aliases import CANARY, CHAMPION
 from components.registry.model_card import CardFacts
-from components.registry.register import CANARY, CHAMPION, LiveEvidence
+from components.registry.register import LiveEvidence
 from components.registry.tracking import RunLogger, git_commit
 from flows.data_prep import data_prep
 from flows.deploy import deploy
@@ -75,7 +76,7 @@ def finetune_dir(config: PipelineConfig, data_hash: str, start: Start | None = N
     if start is not None:
         text += f"{config.registry.model_name}/{start.version}"
     key = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return flywheel_home() / "runs" / config.name / f"finetune-{key}"
+    return runs_dir(config.name) / f"finetune-{key}"
 
 
 def _report_outcome(succeeded: bool):  # -> a Prefect state hook
@@ -120,7 +121,7 @@ def training_pipeline(
     try:
         run.params(config.model_dump())
         run.artifact(profile_path(profile), "profile")
-        run_dir = flywheel_home() / "runs" / config.name / run.run_id
+        run_dir = runs_dir(config.name) / run.run_id
         start = starting_adapter(config, base, run_dir / "start")
         continues = start.version if start else None
         data = data_prep(config, base, str(run_dir / "data"), run.run_id, continues)
@@ -194,7 +195,7 @@ def training_pipeline(
             deployed = deploy(
                 registered.model_name,
                 registered.version,
-                profile,
+                config,
                 registered.previous_champion,
                 canary=config.serve.canary.enabled,
             )

@@ -31,7 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from components.config import OVERRIDES_ENV, PipelineConfig, load_profile
+from components.paths import flywheel_home, resolve_path, tracking_uri
 from components.records import read_jsonl
+from components.registry.aliases import current_champion
+from components.registry.tracking import configure_mlflow
+from components.serving.deploy import stop_service
+from components.settings import settings
+from flows.annotation_sync import annotation_sync
+from flows.deploy import deploy
+from flows.monitor import describe, monitor, service_url, state_path
+from flows.training_pipeline import training_pipeline
 from scripts.traffic import Exchange, Question, down_rate, rate, send
 
 DEMO_SETTINGS = "memory.trust=feedback"  # users' corrections enter the memory at once
@@ -49,8 +58,6 @@ def done(started: float, text: str = "") -> None:
 
 def in_domain_questions(config: PipelineConfig, n: int, seed: int) -> list[Question]:
     """Questions from the profile's instruction sources, with their answers as references."""
-    from components.paths import resolve_path
-
     questions = [
         Question(r["instruction"], r["output"])
         for s in config.data.sources
@@ -62,8 +69,6 @@ def in_domain_questions(config: PipelineConfig, n: int, seed: int) -> list[Quest
 
 
 def demo_facts() -> list[dict[str, Any]]:
-    from components.paths import resolve_path
-
     return read_jsonl(resolve_path(FACTS_PATH))
 
 
@@ -85,10 +90,6 @@ def shares(exchanges: list[Exchange]) -> str:
 
 
 def champion_or_train(profile: str, config: PipelineConfig) -> tuple[str, bool]:
-    from components.registry.register import current_champion
-    from components.registry.tracking import configure_mlflow
-    from flows.training_pipeline import training_pipeline
-
     configure_mlflow()
     champion = current_champion(config.registry.model_name)
     if champion is not None:
@@ -107,14 +108,10 @@ def served_version(url: str) -> str:
 
 
 def print_decision(outcome: dict[str, Any]) -> None:
-    from flows.monitor import describe
-
     print("\n".join(f"    {line}" for line in describe(outcome["decision"]).splitlines()))
 
 
 def where_to_look(config: PipelineConfig, url: str, label_studio: str | None) -> None:
-    from components.paths import flywheel_home, tracking_uri
-
     print("\n=== Where to look")
     print(
         f"    MLflow UI:     mlflow ui --backend-store-uri {tracking_uri()}  -> http://127.0.0.1:5000"
@@ -131,17 +128,12 @@ def where_to_look(config: PipelineConfig, url: str, label_studio: str | None) ->
 
 
 def run(profile: str, n_requests: int, keep_serving: bool) -> dict[str, Any]:
-    from components.serving.deploy import stop_service
-    from flows.annotation_sync import annotation_sync
-    from flows.deploy import deploy
-    from flows.monitor import monitor, service_url, state_path
-
     began = time.perf_counter()
     config = load_profile(profile)
     url = service_url(config)
     max_tokens = min(24, config.serve.default_max_new_tokens)
     print(f"Flywheel demo: profile {config.name}, model {config.registry.model_name}, {url}")
-    print(f"    settings for the demo: {os.environ.get(OVERRIDES_ENV, '')}")
+    print(f"    settings for the demo: {settings().profile_overrides}")
 
     state = state_path(config)
     if state.is_file():  # a fresh monitor: no cooldown or baseline left from an earlier demo
@@ -152,7 +144,7 @@ def run(profile: str, n_requests: int, keep_serving: bool) -> dict[str, Any]:
     done(t, f"champion v{version}")
 
     t = step(2, "Serve it (deploy flow: bentoml serve, smoke test)")
-    deployed = deploy(config.registry.model_name, version, profile)
+    deployed = deploy(config.registry.model_name, version, config)
     started_service = deployed["action"] == "started"
     done(t, f"{deployed['action']} {deployed['url']}, serving v{served_version(url)}")
     shifted = shifted_questions(1) + rephrased_questions()
@@ -210,7 +202,7 @@ def run(profile: str, n_requests: int, keep_serving: bool) -> dict[str, Any]:
         print_before_after(figures, len(shifted))
 
         label_studio = None
-        if os.environ.get("LABEL_STUDIO_URL"):
+        if "label_studio_url" in settings().model_fields_set:
             t = step(9, "Label Studio: push the thumbs-down answers for review")
             synced = annotation_sync(profile=profile)
             label_studio = synced["project"]
@@ -264,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the outcome here")
     args = parser.parse_args(argv)
     # The demo's settings (and the port), for every stage, in this process and its children.
-    settings = [os.environ.get(OVERRIDES_ENV, ""), DEMO_SETTINGS]
+    chosen = [settings().profile_overrides, DEMO_SETTINGS]
     if args.port is not None:
-        settings.append(f"serve.port={args.port}")
-    os.environ[OVERRIDES_ENV] = " ".join(s for s in settings if s)
+        chosen.append(f"serve.port={args.port}")
+    os.environ[OVERRIDES_ENV] = " ".join(s for s in chosen if s)
     outcome = run(args.profile, args.requests, args.keep_serving)
     if args.json:
         import json

@@ -17,20 +17,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from components.paths import REPO_ROOT, flywheel_home, local_secret
+from components.annotate.review import label_studio_token
+from components.paths import REPO_ROOT, label_studio_dir
 from components.process import Server
+from components.settings import settings
 
 VENV = REPO_ROOT / ".venv-labelstudio"
 USERNAME = "reviewer@flywheel.local"
-
-
-def data_dir() -> Path:
-    return flywheel_home() / "labelstudio"
-
-
-def api_token() -> str:
-    """`LABEL_STUDIO_API_KEY`, else the local server's token (created on first use)."""
-    return os.environ.get("LABEL_STUDIO_API_KEY") or local_secret(data_dir() / "token")
 
 
 def command(port: int, folder: Path, token: str, password: str) -> list[str]:
@@ -71,16 +64,16 @@ def environment() -> dict[str, str]:
 
 def password() -> str:
     """The reviewer's login password: `LABEL_STUDIO_PASSWORD`, else the token."""
-    return os.environ.get("LABEL_STUDIO_PASSWORD") or api_token()
+    return settings().label_studio_password or label_studio_token(create=True)
 
 
 def start(port: int, log_path: Path) -> Server:
     """Start the server in the background; `wait_ready()` on the result before using it."""
-    folder = data_dir()
+    folder = label_studio_dir()
     folder.mkdir(parents=True, exist_ok=True)
     return Server.start(
         "Label Studio",
-        command(port, folder, api_token(), password()),
+        command(port, folder, label_studio_token(create=True), password()),
         f"http://127.0.0.1:{port}/health/",
         log_path,
         env=environment(),
@@ -91,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.label_studio_server")
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)
-    folder = data_dir()
+    folder = label_studio_dir()
     folder.mkdir(parents=True, exist_ok=True)
     print(f"Label Studio on http://127.0.0.1:{args.port}  (data: {folder})")
     print(f"  log in as {USERNAME}; password: LABEL_STUDIO_PASSWORD, else the API token")
     print(f"  API token: LABEL_STUDIO_API_KEY, else the file {folder / 'token'}")
-    cmd = command(args.port, folder, api_token(), password())
+    cmd = command(args.port, folder, label_studio_token(create=True), password())
     return subprocess.call(cmd, env=environment())
 
 

@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from components.config import CanaryConfig, MonitorConfig
+from components.config import CanaryConfig, MonitorConfig, load_profile
 from components.inference_store import Answer
 from tests.conftest import register_tiny_champion
 
@@ -114,8 +114,9 @@ def test_the_monitor_rolls_a_canary_back_and_promotes_the_next(
     from mlflow.tracking import MlflowClient
 
     from components.evaluate.evaluation import Comparison
-    from components.registry.register import CANARY as ALIAS
-    from components.registry.register import CHAMPION, register_candidate
+    from components.registry.aliases import CANARY as ALIAS
+    from components.registry.aliases import CHAMPION
+    from components.registry.register import register_candidate
     from components.registry.tracking import RunLogger
     from components.serving.deploy import stop_service
     from flows.deploy import deploy
@@ -149,16 +150,16 @@ def test_the_monitor_rolls_a_canary_back_and_promotes_the_next(
         return {m["id"]: m["version"] for m in models}
 
     try:
-        assert deploy(name, "1", profile="tiny", port=port)["action"] == "started"
+        assert deploy(name, "1", load_profile("tiny"), port=port)["action"] == "started"
         assert candidate() == "2"
-        started = deploy(name, "2", profile="tiny", port=port, canary=True)
+        started = deploy(name, "2", load_profile("tiny"), port=port, canary=True)
         assert (started["served_as"], started["action"]) == ("canary", "swapped")
         assert served() == {name: "1", "champion": "1", "canary": "2"}
 
         # Canary users rate every answer down, champion users up: rolled back.
         sides = _traffic(url, [f"a{i}" for i in range(24)], {"canary": "down", "champion": "up"})
         assert sides["canary"] >= 10 and sides["champion"] >= 10
-        outcome = monitor(profile="tiny", retrain="off")["canary"]
+        outcome = monitor(load_profile("tiny"), retrain="off")["canary"]
         assert outcome["decision"] == "rolled back"
         assert "significantly above the champion's 0% thumbs-down" in outcome["reason"]
         tags = client.get_model_version(name, "2").tags
@@ -171,15 +172,15 @@ def test_the_monitor_rolls_a_canary_back_and_promotes_the_next(
 
         # The next candidate does as well as the champion: promoted and swapped in.
         assert candidate() == "3"
-        deploy(name, "3", profile="tiny", port=port, canary=True)
+        deploy(name, "3", load_profile("tiny"), port=port, canary=True)
         assert served()["canary"] == "3"
         _traffic(url, [f"b{i}" for i in range(24)], {"canary": "up", "champion": "up"})
-        waiting = monitor(profile="tiny", retrain="off")["canary"]
+        waiting = monitor(load_profile("tiny"), retrain="off")["canary"]
         assert waiting["decision"] == "promoted", waiting
         assert "not significantly above the champion's 0% thumbs-down" in waiting["reason"]
         assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "3"
         assert client.get_model_version(name, "3").tags["canary.decision"] == "promoted"
         assert served() == {name: "3", "champion": "3"}
-        assert monitor(profile="tiny", retrain="off")["canary"] is None  # none left
+        assert monitor(load_profile("tiny"), retrain="off")["canary"] is None  # none left
     finally:
         stop_service()

@@ -114,8 +114,7 @@ def test_clean_runs_every_filter_and_reports(tmp_path: Path, tokenizer) -> None:
 
 def test_seed_data_is_large_enough_and_clean(tmp_path: Path, tokenizer, tiny_config) -> None:
     """The data suite: the shipped seed data meets its promises after the real cleaning."""
-    from components.data.ingest import ingest
-    from components.data.split import load_frozen_test
+    from components.data.ingest import ingest, load_frozen_test
     from components.records import load_examples
 
     ingested = ingest(tiny_config.data.sources, tmp_path / "in")

@@ -7,8 +7,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from components.config import load_profile
 from components.evaluate.evaluation import Comparison
-from components.registry.register import CHAMPION, register_candidate
+from components.registry.aliases import CHAMPION
+from components.registry.register import register_candidate
 from components.registry.tracking import RunLogger
 from components.serving.deploy import DeployError, stop_service
 from tests.conftest import free_port, register_tiny_champion
@@ -70,7 +72,7 @@ def test_deploy_starts_swaps_and_rolls_back(home, prefect_server, tiny_base, tin
     adapter = register_tiny_champion(home, tiny_base, tiny_config)  # version 1, champion
     port = free_port()
     try:
-        first = deploy(name, "1", profile="tiny", port=port)
+        first = deploy(name, "1", load_profile("tiny"), port=port)
         assert first["action"] == "started"
         # It serves the repository pinned to the version; no Bento is built that it never serves.
         assert not (home / "bentoml" / "bentos").exists()
@@ -81,7 +83,7 @@ def test_deploy_starts_swaps_and_rolls_back(home, prefect_server, tiny_base, tin
         # facts the tiny model does not state stay served (test_service_logic: retiring).
         facts = _remember_facts()
         assert _register(adapter, tiny_base, name) == "2"
-        second = deploy(name, "2", profile="tiny", previous_champion="1", port=port)
+        second = deploy(name, "2", load_profile("tiny"), previous_champion="1", port=port)
         assert second["action"] == "swapped"
         assert _served_version(url) == "2"
         assert second["memory"] == "memory: 0 of 2 active entries retired"
@@ -92,7 +94,7 @@ def test_deploy_starts_swaps_and_rolls_back(home, prefect_server, tiny_base, tin
         (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
         assert _register(str(broken), tiny_base, name) == "3"  # the gate made it champion
         with pytest.raises(DeployError, match=r"could not load .*restored to version 2"):
-            deploy(name, "3", profile="tiny", previous_champion="2", port=port)
+            deploy(name, "3", load_profile("tiny"), previous_champion="2", port=port)
 
         assert str(MlflowClient().get_model_version_by_alias(name, CHAMPION).version) == "2"
         assert _served_version(url) == "2"  # the old version kept serving throughout

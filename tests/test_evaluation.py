@@ -65,7 +65,7 @@ def test_identical_models_are_not_called_better() -> None:
 
 @pytest.mark.slow
 def test_evaluate_models_end_to_end_on_tiny_model(tmp_path, tiny_base, tiny_config) -> None:
-    from components.data.split import load_frozen_test
+    from components.data.ingest import load_frozen_test
     from components.evaluate.evaluation import ModelSpec, evaluate_models
     from components.records import read_jsonl
 
@@ -89,7 +89,7 @@ def test_evaluate_models_end_to_end_on_tiny_model(tmp_path, tiny_base, tiny_conf
 def test_greedy_answers_are_generated_once_per_weights_prompts_and_settings(
     home, tiny_base, tiny_config, monkeypatch
 ) -> None:
-    from components.data.split import load_frozen_test
+    from components.data.ingest import load_frozen_test
     from components.evaluate import evaluation
     from components.evaluate.evaluation import ModelSpec, model_answers
 

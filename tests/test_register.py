@@ -4,11 +4,9 @@ from pathlib import Path
 import pytest
 
 from components.evaluate.evaluation import Comparison
+from components.registry.aliases import CHALLENGER, CHAMPION, current_champion
 from components.registry.register import (
-    CHALLENGER,
-    CHAMPION,
     LiveEvidence,
-    current_champion,
     decide_promotion,
     download_version,
     register_candidate,
@@ -139,8 +137,8 @@ def test_a_version_carries_only_the_code_it_needs_to_load(home, adapter_dir, tin
 
 
 def test_no_mlflow_call_writes_into_the_working_folder(home, tmp_path, monkeypatch) -> None:
-    from components.registry.register import current_champion
-    from components.serving.model import ModelNotFound, resolve_model_uri
+    from components.registry.aliases import current_champion
+    from components.serving.loading import ModelNotFound, resolve_model_uri
 
     work = tmp_path / "cwd"
     work.mkdir()

@@ -93,7 +93,7 @@ def test_passages_that_overlap_a_test_answer_are_left_out(tmp_path: Path) -> Non
 
 def test_the_shipped_corpus_holds_no_frozen_test_answer() -> None:
     from components.config import load_profile
-    from components.data.split import load_frozen_test
+    from components.data.ingest import load_frozen_test
     from components.retrieval.index import profile_index
     from components.text import normalize_text
 

@@ -43,7 +43,7 @@ def test_the_cap_keeps_every_feedback_example(tmp_path: Path) -> None:
 
 
 def test_curated_data_is_state_under_the_home(home: Path, monkeypatch) -> None:
-    from components.data.curated import curated_dir
+    from components.paths import curated_dir
 
     monkeypatch.delenv("FLYWHEEL_CURATED_DIR")
     assert curated_dir(None) == home / "curated"  # `make clean` removes it with the rest

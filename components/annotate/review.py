@@ -13,15 +13,14 @@ The server and its token come from `LABEL_STUDIO_URL` (default http://127.0.0.1:
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from components.data.curated import CuratedItem
 from components.inference_store import Answer
-
-DEFAULT_URL = "http://127.0.0.1:8080"
+from components.paths import label_studio_dir, local_secret
+from components.settings import settings
 
 LABEL_CONFIG = """<View>
   <Header value="Prompt"/>
@@ -57,15 +56,22 @@ class Review:
     correction: str
 
 
+def label_studio_token(create: bool = False) -> str:
+    """`LABEL_STUDIO_API_KEY`, else the local server's token (`$FLYWHEEL_HOME/labelstudio/
+    token`), made first when `create` (the local server takes it on its first start); "" if
+    there is none."""
+    token_file = label_studio_dir() / "token"
+    if settings().label_studio_api_key:
+        return settings().label_studio_api_key or ""
+    if create or token_file.is_file():
+        return local_secret(token_file)
+    return ""
+
+
 def label_studio_settings() -> tuple[str, str]:
     """The server URL and token: the environment, else the local server's token file."""
-    from scripts.label_studio_server import data_dir
-
-    url = os.environ.get("LABEL_STUDIO_URL", DEFAULT_URL).rstrip("/")
-    token = os.environ.get("LABEL_STUDIO_API_KEY", "")
-    token_file = data_dir() / "token"
-    if not token and token_file.is_file():
-        token = token_file.read_text().strip()
+    url = settings().label_studio_url.rstrip("/")
+    token = label_studio_token()
     if not token:
         raise ReviewError(
             "no Label Studio token: set LABEL_STUDIO_API_KEY (and LABEL_STUDIO_URL), "
@@ -159,16 +165,7 @@ def curated_items(reviews: list[Review]) -> tuple[list[CuratedItem], Counter[str
         counts[verdict] += 1
         if verdict in ("approve", "correct"):
             answer = review.answer if verdict == "approve" else review.correction
-            items.append(
-                CuratedItem(
-                    request_id=review.request_id,
-                    prompt=review.prompt,
-                    answer=answer,
-                    source="label-studio",
-                    verdict=verdict,
-                    model_version=review.model_version,
-                )
-            )
+            items.append(CuratedItem.answering(review, answer, "label-studio", verdict))
     return items, counts
 
 

@@ -12,19 +12,29 @@ training. The training pipeline ingests the folder and counts these examples as 
 from __future__ import annotations
 
 import hashlib
-import os
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from components.config import PipelineConfig
-from components.inference_store import Answer
+from components.data.ingest import curated_versions, load_frozen_test
+from components.inference_store import Answer, InferenceStore
+from components.paths import curated_dir
 from components.records import Example, read_jsonl, write_jsonl
 from components.text import Decontaminator, normalize_text, scrub_pii
 
-VERSION_FILE = re.compile(r"^(\d{4})-[\w-]+\.jsonl$")
+
+class Asked(Protocol):
+    """A logged question: an answer from the inference log, or a review of one."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def model_version(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -34,9 +44,14 @@ class CuratedItem:
     request_id: str
     prompt: str
     answer: str
-    source: str  # "label-studio" or "feedback"
-    verdict: str  # "approve", "correct" or "correction"
+    source: str  # "label-studio", "feedback" or "rephrasing"
+    verdict: str  # "approve", "correct", "correction" or "memory-hit"
     model_version: str = ""
+
+    @classmethod
+    def answering(cls, asked: Asked, answer: str, source: str, verdict: str) -> CuratedItem:
+        """`answer` to the logged question `asked`."""
+        return cls(asked.request_id, asked.prompt, answer, source, verdict, asked.model_version)
 
 
 @dataclass
@@ -45,21 +60,6 @@ class CurationResult:
     written: int
     skipped: dict[str, int] = field(default_factory=dict)
     pii: dict[str, int] = field(default_factory=dict)
-
-
-def curated_dir(feedback_dir: str | None) -> Path:
-    """Where curated versions live: `FLYWHEEL_CURATED_DIR`, else the profile's folder, else
-    `$FLYWHEEL_HOME/curated` (state, so `make clean` removes it with everything else)."""
-    from components.paths import flywheel_home, resolve_path
-
-    chosen = os.environ.get("FLYWHEEL_CURATED_DIR") or feedback_dir
-    return resolve_path(chosen) if chosen else flywheel_home() / "curated"
-
-
-def curated_versions(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if VERSION_FILE.match(p.name))
 
 
 def held_out(request_id: str, fraction: float) -> bool:
@@ -82,14 +82,7 @@ def feedback_corrections(answers: Iterable[Answer], holdout_fraction: float) -> 
     """Corrections users sent with `/feedback`: the answer they say was right (never one on a
     held-out live rephrasing, which only ever judges)."""
     return [
-        CuratedItem(
-            request_id=a.request_id,
-            prompt=a.prompt,
-            answer=a.correction,
-            source="feedback",
-            verdict="correction",
-            model_version=a.model_version,
-        )
+        CuratedItem.answering(a, a.correction, "feedback", "correction")
         for a in answers
         if a.correction and a.correction.strip() and not is_held_out_rephrasing(a, holdout_fraction)
     ]
@@ -146,8 +139,6 @@ def summary(folder: Path) -> dict[str, int]:
 
 def curate(config: PipelineConfig, items: Iterable[CuratedItem]) -> CurationResult:
     """Write the items as the profile's next curated version (deduplicated, scrubbed, test-safe)."""
-    from components.data.split import load_frozen_test
-
     return write_curated(
         items,
         curated_dir(config.data.feedback_dir),
@@ -160,8 +151,6 @@ def user_corrections(config: PipelineConfig, since: float) -> list[CuratedItem]:
     """Corrections users sent with `/feedback` (rated since `since`) that the profile trusts
     for training, as it does for the memory: all of them under `memory.trust: feedback`, none
     under `trust: reviewed`, where they reach training only once reviewed in Label Studio."""
-    from components.inference_store import InferenceStore
-
     if config.memory.trust == "reviewed":
         return []
 

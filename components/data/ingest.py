@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any
 from components.config import SourceConfig
 from components.paths import resolve_path
 from components.records import Example, content_hash, iter_jsonl, save_examples, write_jsonl
+
+VERSION_FILE = re.compile(r"^(\d{4})-[\w-]+\.jsonl$")  # a curated version file
 
 
 class InvalidRecord(ValueError):
@@ -117,10 +120,23 @@ def read_source(source: SourceConfig) -> Iterator[RawRecord]:
             dataset = dataset[source.split]
         yield from _read_hf(dataset, path.name)
     elif fmt == "feedback":  # the curated version files only (the live set beside them is not)
-        from components.data.curated import curated_versions
-
         for file in curated_versions(path):
             yield from _read_jsonl(file)
+
+
+def curated_versions(folder: Path) -> list[Path]:
+    """The curated folder's version files (`NNNN-<source>.jsonl`), oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if VERSION_FILE.match(p.name))
+
+
+def load_frozen_test(path: str) -> list[Example]:
+    """Read the frozen test split; any invalid record there is an error, not a quarantine."""
+    return [
+        to_example(raw.value, source=path, origin="test")
+        for raw in read_source(SourceConfig(path=path))
+    ]
 
 
 def _text(record: dict, name: str, required: bool = True) -> str:

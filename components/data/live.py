@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from components.config import PipelineConfig
-from components.data.curated import CuratedItem, curate, curated_dir, held_out
-from components.inference_store import Answer
-from components.memory.store import MemoryEntry
+from components.data.curated import CuratedItem, curate, held_out
+from components.inference_store import Answer, InferenceStore
+from components.memory.store import CorrectionMemory, MemoryEntry
+from components.paths import curated_dir
 from components.records import Example, content_hash, load_examples, save_examples
 from components.text import question_key
 
@@ -52,14 +53,7 @@ def live_items(entries: list[MemoryEntry], answers: list[Answer], fraction: floa
             held.append(Example(instruction=answer.prompt, output=entry.answer, origin="live"))
         else:
             trainable.append(
-                CuratedItem(
-                    request_id=answer.request_id,
-                    prompt=answer.prompt,
-                    answer=entry.answer,
-                    source="rephrasing",
-                    verdict="memory-hit",
-                    model_version=answer.model_version,
-                )
+                CuratedItem.answering(answer, entry.answer, "rephrasing", "memory-hit")
             )
     return LiveItems(corrections, trainable, held)
 
@@ -84,9 +78,6 @@ class LiveSet:
 def build_live_set(config: PipelineConfig) -> LiveSet:
     """Read the memory and the inference log; write new trainable rephrasings to the curated
     data and the judged items (corrections + held-out rephrasings) as a versioned file."""
-    from components.inference_store import InferenceStore
-    from components.memory.store import CorrectionMemory
-
     if not config.memory.enabled:
         return LiveSet(None, "", 0, 0, 0)
     memory = CorrectionMemory(config.memory)

@@ -6,8 +6,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.config import DataConfig, SourceConfig
-from components.data.ingest import read_source, to_example
+from components.config import DataConfig
 from components.records import Example, content_hash, save_examples
 
 
@@ -21,14 +20,6 @@ class SplitResult:
     test: int
     train_hash: str
     test_hash: str
-
-
-def load_frozen_test(path: str) -> list[Example]:
-    """Read the frozen test split; any invalid record there is an error, not a quarantine."""
-    return [
-        to_example(raw.value, source=path, origin="test")
-        for raw in read_source(SourceConfig(path=path))
-    ]
 
 
 def assign_validation(example: Example, fraction: float, seed: int) -> bool:

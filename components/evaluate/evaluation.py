@@ -22,7 +22,7 @@ from components.config import EvalConfig
 from components.evaluate.metrics import load_metric
 from components.model.base_model import weights_sha256
 from components.model.generation import answer_log_likelihoods, generate_chat, load_for_inference
-from components.paths import flywheel_home
+from components.paths import eval_cache_dir
 from components.plots import plot_metric_comparison
 from components.records import Example, write_jsonl
 
@@ -115,7 +115,7 @@ def model_answers(
     spec: ModelSpec, examples: list[Example], config: EvalConfig
 ) -> tuple[list[str], list[tuple[float, int]]]:
     """The model's greedy answers and answer log-likelihoods, from the cache when known."""
-    cached = flywheel_home() / "eval-cache" / f"{answers_key(spec, examples, config)}.json"
+    cached = eval_cache_dir() / f"{answers_key(spec, examples, config)}.json"
     if cached.is_file():
         known = json.loads(cached.read_text())
         return known["answers"], [tuple(x) for x in known["likelihoods"]]

@@ -10,10 +10,10 @@ that does not answer is logged and never fails the flow that reports to it.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from components.config import PipelineConfig
+from components.settings import settings
 
 PUSH_JOB = "flywheel-flows"  # the `job` label of every pushed series
 RETRAIN_SUCCESS = "flywheel_retrain_last_success_timestamp_seconds"
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def pushgateway_url(config: PipelineConfig) -> str | None:
-    return os.environ.get("FLYWHEEL_PUSHGATEWAY_URL") or config.monitor.pushgateway_url
+    return settings().pushgateway_url or config.monitor.pushgateway_url
 
 
 def push(config: PipelineConfig, gauges: dict[str, tuple[str, float]]) -> bool:

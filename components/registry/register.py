@@ -17,13 +17,14 @@ from typing import Any
 from components.config import ModelConfig
 from components.evaluate.evaluation import HIGHER_IS_BETTER, Comparison
 from components.model.base_model import BaseModelRef, resolve_base_model
+from components.paths import training_prompts_dir
+from components.records import read_jsonl
+from components.registry.aliases import CHALLENGER, CHAMPION, current_champion, point
+from components.registry.tracking import configure_mlflow, mlflow_client
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-CANARY = "canary"  # promoted by the offline gate, serving a share of traffic (serve.canary)
 # What a registered version needs to load and generate (config, model loading, generation);
 # the rest of the package (deploy, monitor, ...) stays out of every version.
-MODEL_CODE = ("__init__.py", "config.py", "paths.py", "records.py", "model")
+MODEL_CODE = ("__init__.py", "config.py", "settings.py", "paths.py", "records.py", "model")
 
 
 @dataclass
@@ -106,33 +107,12 @@ def decide_promotion(frozen: Comparison, live: LiveEvidence | None = None) -> Ga
     )
 
 
-def current_champion(model_name: str) -> Any | None:
-    """The model version the `champion` alias points to, or None."""
-    return version_at(model_name, CHAMPION)
-
-
-def version_at(model_name: str, alias: str) -> Any | None:
-    """The model version `alias` points to, or None."""
-    from mlflow.exceptions import MlflowException
-
-    from components.registry.tracking import mlflow_client
-
-    try:
-        return mlflow_client().get_model_version_by_alias(model_name, alias)
-    except MlflowException:
-        return None
-
-
 def training_prompts(run_id: str) -> list[str]:
     """The prompts a training run trained on (its logged `data/train.jsonl`), cached under the
     home folder: the champion's domain for the monitor's drift check and the router."""
     import mlflow
 
-    from components.paths import flywheel_home
-    from components.records import read_jsonl
-    from components.registry.tracking import configure_mlflow
-
-    folder = flywheel_home() / "training-prompts" / f"run-{run_id}"
+    folder = training_prompts_dir(run_id)
     cached = list(folder.rglob("train.jsonl"))
     path = (
         cached[0]
@@ -152,8 +132,6 @@ def training_prompts(run_id: str) -> list[str]:
 def download_version(model_name: str, version: str, dest: Path) -> tuple[str, str]:
     """Fetch a registered version's adapter; returns (base model folder, adapter folder)."""
     import mlflow
-
-    from components.registry.tracking import configure_mlflow
 
     uri = f"models:/{model_name}/{version}"
     local = Path(
@@ -203,8 +181,6 @@ def register_candidate(
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from components.registry.tracking import mlflow_client
-
     client = mlflow_client()
     previous = current_champion(model_name)
     with tempfile.TemporaryDirectory() as tmp:
@@ -225,12 +201,12 @@ def register_candidate(
                 pip_requirements=["torch", "transformers", "peft", "accelerate"],
             )
     version = mlflow.register_model(info.model_uri, model_name, tags=tags)
-    client.set_registered_model_alias(model_name, CHALLENGER, version.version)
+    point(model_name, CHALLENGER, version.version)
 
     gate = decide_promotion(comparison, live)
     aliases = [CHALLENGER]
     if gate.promote:
-        client.set_registered_model_alias(model_name, promote_to, version.version)
+        point(model_name, promote_to, version.version)
         aliases.append(promote_to)
     evidence = {"frozen": comparison, **({"live": live.comparison} if live else {})}
     for key, value in {

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.paths import REPO_ROOT, flywheel_home, tracking_uri
+from components.paths import REPO_ROOT, artifacts_dir, tracking_uri
 
 
 def configure_mlflow() -> str:
@@ -61,7 +61,7 @@ def ensure_experiment(name: str) -> str:
         return str(experiment.experiment_id)
     location = None
     if tracking_uri().startswith("sqlite:"):
-        location = (flywheel_home() / "mlartifacts" / name).as_uri()
+        location = artifacts_dir(name).as_uri()
     return str(client.create_experiment(name, artifact_location=location))
 
 

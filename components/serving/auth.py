@@ -7,16 +7,15 @@ deploy flow) read the same file. Clients' `FLYWHEEL_API_KEY` never grants admin 
 
 from __future__ import annotations
 
-import os
-
-from components.paths import flywheel_home, local_secret
+from components.paths import admin_key_file, local_secret
+from components.settings import settings
 
 
 def api_key() -> str | None:
     """`FLYWHEEL_API_KEY`, or None: generation and feedback are then open."""
-    return os.environ.get("FLYWHEEL_API_KEY") or None
+    return settings().api_key
 
 
 def admin_key() -> str:
     """`FLYWHEEL_ADMIN_KEY`, else the home's generated admin token."""
-    return os.environ.get("FLYWHEEL_ADMIN_KEY") or local_secret(flywheel_home() / "admin.key")
+    return settings().admin_key or local_secret(admin_key_file())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -25,6 +24,7 @@ from typing import Literal, Protocol
 
 from components.config import ResponseCacheConfig
 from components.model.generation import GenerationRequest, is_greedy
+from components.settings import settings
 
 log = logging.getLogger("flywheel.cache")
 
@@ -130,7 +130,7 @@ class ResponseCache:
         if not config.enabled:
             return None
         if config.backend == "redis":
-            url = os.environ.get("FLYWHEEL_REDIS_URL") or config.redis_url
+            url = settings().redis_url or config.redis_url
             return cls(RedisBackend(url, config.ttl_s, config.timeout_s), model)
         return cls(MemoryBackend(config.max_entries), model)
 

@@ -14,7 +14,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from components.paths import REPO_ROOT
+from components.model.generation import load_for_inference
+from components.settings import settings
 
 log = logging.getLogger("flywheel.convert")
 MARKER = "openvino_model.xml"
@@ -25,7 +26,7 @@ class ConversionUnavailable(RuntimeError):
 
 
 def export_venv() -> Path:
-    return Path(os.environ.get("FLYWHEEL_EXPORT_VENV", REPO_ROOT / ".venv-export")).resolve()
+    return settings().export_venv.resolve()
 
 
 def openvino_folder(
@@ -38,7 +39,6 @@ def openvino_folder(
     cli = export_venv() / "bin" / "optimum-cli"
     if not cli.is_file():
         raise ConversionUnavailable(f"no exporter at {cli}: run `make engine-setup`")
-    from components.model.generation import load_for_inference
 
     with tempfile.TemporaryDirectory(dir=version_dir) as tmp:
         merged, exported = Path(tmp) / "merged", Path(tmp) / "openvino"

@@ -17,9 +17,10 @@ from typing import Any
 
 import httpx
 
-from components.paths import flywheel_home
+from components.paths import bentoml_home, flywheel_home, service_log_file, service_pid_file
 from components.process import Server, ServerError, answers, stop_group
-from components.registry.register import CANARY, CHAMPION
+from components.registry.aliases import CANARY, CHAMPION, point
+from components.registry.aliases import end_canary as record_canary_verdict
 from components.serving.auth import admin_key, api_key
 
 STARTUP_TIMEOUT_S = 300
@@ -52,7 +53,7 @@ def service_env(profile: str, model_uri: str | None = None) -> dict[str, str]:
         **os.environ,
         "FLYWHEEL_PROFILE": profile,
         "FLYWHEEL_HOME": str(flywheel_home()),
-        "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(flywheel_home() / "bentoml")),
+        "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(bentoml_home())),
         "BENTOML_DO_NOT_TRACK": "true",
     }
     if model_uri:
@@ -75,7 +76,7 @@ def is_ready(url: str) -> bool:
 
 
 def _pid_file() -> Path:
-    return flywheel_home() / "service.pid"
+    return service_pid_file()
 
 
 def serve_command(port: int) -> list[str]:
@@ -93,7 +94,7 @@ def start_service(profile: str, model_uri: str | None, port: int) -> int:
         "the service",
         serve_command(port),
         f"http://127.0.0.1:{port}/readyz",
-        flywheel_home() / "logs" / "service.log",
+        service_log_file(),
         env=service_env(profile, model_uri),
     )
     _pid_file().write_text(str(server.pid))
@@ -180,15 +181,7 @@ def end_canary(model_name: str, version: str, url: str, decision: str, reason: s
     on the version like the gate's (`canary.decision`, `canary.reason`); the canary alias goes,
     a promoted canary becomes champion, and the service stops serving it as a canary (a
     promoted one is swapped in as champion first, by the deploy flow). Says what was done."""
-    from components.registry.tracking import mlflow_client
-
-    client = mlflow_client()
-    client.set_model_version_tag(model_name, version, "canary.decision", decision)
-    client.set_model_version_tag(model_name, version, "canary.reason", reason[:5000])
-    client.set_model_version_tag(model_name, version, "canary.ended_at", f"{time.time():.0f}")
-    client.delete_registered_model_alias(model_name, CANARY)
-    if decision == "promoted":
-        client.set_registered_model_alias(model_name, CHAMPION, version)
+    record_canary_verdict(model_name, version, decision, reason)
     try:
         unloaded = unload_model(url, CANARY) if is_ready(url) else False
     except (DeployError, httpx.HTTPError) as exc:
@@ -203,9 +196,8 @@ def roll_back(model_name: str, previous: str | None, profile: str, port: int, ac
         if action == "started":
             stop_service()
         return "no previous champion to restore; the new service was stopped"
-    from components.registry.tracking import mlflow_client
 
-    mlflow_client().set_registered_model_alias(model_name, CHAMPION, previous)
+    point(model_name, CHAMPION, previous)
     uri = f"models:/{model_name}/{previous}"
     url = f"http://127.0.0.1:{port}"
     if action == "started":

@@ -1,20 +1,14 @@
 """ROUGE-L F-measure per example (longest common subsequence), with stemming."""
 
-import datasets
-import evaluate
 from rouge_score import rouge_scorer
 
+# The module, not its class: `evaluate` serves the first metric class it finds here.
+from components.evaluate.metrics import pairwise
 
-class RougeL(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description="ROUGE-L F-measure between each prediction and its reference.",
-            citation="Lin, ROUGE: A Package for Automatic Evaluation of Summaries, 2004.",
-            inputs_description="predictions and references: lists of strings of equal length",
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-        )
+
+class RougeL(pairwise.PairwiseMetric):
+    DESCRIPTION = "ROUGE-L F-measure between each prediction and its reference."
+    CITATION = "Lin, ROUGE: A Package for Automatic Evaluation of Summaries, 2004."
 
     def _compute(self, predictions, references):
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
