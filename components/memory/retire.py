@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from components.config import MemoryConfig
+from components.memory.store import CorrectionMemory
 from components.text import FUNCTION_WORDS, word_list
 
 MEMORY_OFF = {"x-flywheel-memory": "off"}
@@ -53,8 +54,6 @@ def retire_learned(
 ) -> Retirement:
     """Ask the service behind `client` (memory off) each active entry's question; retire
     the entries whose fact the answer of `version` states."""
-    from components.memory.store import CorrectionMemory
-
     outcome = Retirement(version)
     if not config.enabled:
         return outcome

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from components.config import MemoryConfig
+from components.inference_store import open_engine
+from components.model.embedding import sentence_embedder
 from components.text import normalize_text, scrub_pii
 
 Source = Literal["label-studio", "feedback"]
@@ -94,8 +96,6 @@ class CorrectionMemory:
     def __init__(self, config: MemoryConfig, url: str | None = None, embedder: Any = None) -> None:
         from sqlalchemy import MetaData
 
-        from components.inference_store import open_engine
-
         self.config = config
         self.engine = open_engine(url)
         metadata = MetaData()
@@ -111,8 +111,6 @@ class CorrectionMemory:
     @property
     def embedder(self) -> Any:
         if self._embedder is None:
-            from components.model.embedding import sentence_embedder
-
             self._embedder = sentence_embedder(self.config.embedding_model)
         return self._embedder
 

@@ -7,7 +7,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from components.model.chat import load_tokenizer, render_chat
+from components.model.chat import IGNORE_INDEX, load_tokenizer, render_chat, tokenize_for_training
 from components.model.device import select_compute_dtype, select_device
 
 
@@ -329,8 +329,6 @@ def answer_log_likelihoods(
 ) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, token count) of each reference answer, for perplexity."""
     import torch
-
-    from components.model.chat import IGNORE_INDEX, tokenize_for_training
 
     out: list[tuple[float, int]] = []
     for start in range(0, len(examples), batch_size):

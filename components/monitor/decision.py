@@ -13,7 +13,7 @@ from typing import Any
 from components.config import MonitorConfig
 from components.domain import DomainModel
 from components.inference_store import Answer
-from components.monitor.drift import DriftReport
+from components.monitor.drift import DriftReport, prompt_drift
 from components.monitor.feedback import FeedbackWindow, feedback_window
 from components.monitor.scrape import Scrape, ServiceWindow, service_window
 from components.monitor.state import MonitorState
@@ -230,8 +230,6 @@ def assess(
     seed: int = 0,
 ) -> RetrainDecision:
     """Every check on the signals, then the decision (cooldown and running retrains applied)."""
-    from components.monitor.drift import prompt_drift
-
     previous = Scrape.from_dict(state.last_scrape) if state.last_scrape else None
     service = service_window(previous, signals.scrape) if signals.scrape else None
     version = (service.model_version if service else None) or signals.champion_version

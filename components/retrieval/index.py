@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from components.config import PipelineConfig, RetrievalConfig
+from components.data.ingest import load_frozen_test
 from components.retrieval.corpus import Passage, load_passages
 from components.text import NgramOverlap
 
@@ -86,8 +87,6 @@ def build_index(config: RetrievalConfig, test_answers: list[str], ngram: int) ->
 
 def profile_index(config: PipelineConfig) -> DocsIndex:
     """`build_index` with the profile's corpus, frozen test split and decontamination n-gram."""
-    from components.data.split import load_frozen_test
-
     answers = [e.output for e in load_frozen_test(config.data.test_path)]
     return build_index(config.retrieval, answers, config.clean.decontam_ngram)
 

@@ -13,6 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from components.config import PipelineConfig
+from components.data.ingest import load_frozen_test
+from components.evaluate.evaluation import (
+    ModelSpec,
+    bootstrap_indices,
+    bootstrap_interval,
+    model_answers,
+)
+from components.evaluate.metrics import load_metric
 from components.model.chat import render_chat
 from components.model.generation import GenerationRequest
 from components.serving.engine import Engine
@@ -56,15 +64,6 @@ def check_engine(
 ) -> EngineQuality:
     """Score the engine's greedy answers and the reference's (cached by the evaluation when
     it scored the same weights) on the profile's frozen test split."""
-    from components.data.split import load_frozen_test
-    from components.evaluate.evaluation import (
-        ModelSpec,
-        bootstrap_indices,
-        bootstrap_interval,
-        model_answers,
-    )
-    from components.evaluate.metrics import load_metric
-
     examples = load_frozen_test(config.data.test_path)[: config.eval.max_examples]
     if not examples:
         raise ValueError(f"the frozen test split {config.data.test_path} is empty")

@@ -12,6 +12,9 @@ import threading
 
 from components.config import RoutingConfig
 from components.domain import DomainModel, DomainVerdict
+from components.model.embedding import sentence_embedder
+from components.registry.register import training_prompts
+from components.registry.tracking import mlflow_client
 
 log = logging.getLogger("flywheel.router")
 
@@ -32,10 +35,6 @@ class Router:
         threading.Thread(target=self._fit, args=(version,), daemon=True).start()
 
     def _fit(self, version: str) -> None:
-        from components.model.embedding import sentence_embedder
-        from components.registry.register import training_prompts
-        from components.registry.tracking import mlflow_client
-
         try:
             run_id = mlflow_client().get_model_version(self.model_name, version).run_id
             prompts = training_prompts(run_id)

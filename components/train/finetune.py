@@ -24,6 +24,7 @@ from components.model.chat import load_tokenizer, tokenize_for_training
 from components.model.device import select_compute_dtype, select_device
 from components.plots import plot_loss_curve
 from components.records import load_examples
+from components.train.recipe import epochs
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +208,6 @@ def finetune(
         TrainingArguments,
         set_seed,
     )
-
-    from components.train.recipe import epochs
 
     train_cfg = config.train
     device = select_device(train_cfg.device)

@@ -26,6 +26,7 @@ from pathlib import Path
 from components.config import PipelineConfig
 from components.model.base_model import BaseModelRef
 from components.paths import REPO_ROOT, resolve_path
+from components.registry.tracking import RunLogger
 from components.train.finetune import FinetuneResult, finetune
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,6 @@ def launched_finetune(
 def main(argv: list[str] | None = None) -> None:
     """One launched process: train, and (the main process) write the result."""
     from accelerate import PartialState
-
-    from components.registry.tracking import RunLogger
 
     (spec_file,) = argv if argv is not None else sys.argv[1:]
     spec = LaunchSpec(**json.loads(Path(spec_file).read_text()))
