@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from components.annotate.review import ReviewProject, curated_items, review_candidates
 from components.config import PipelineConfig, load_profile
 from components.data.curated import curate, summary, user_corrections
-from components.inference_store import InferenceStore
+from components.inference.store import InferenceStore
 from components.memory.store import remember_reviews
 from components.paths import curated_dir
 from flows.reports import slug

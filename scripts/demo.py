@@ -39,7 +39,8 @@ from components.serving.deploy import stop_service
 from components.settings import settings
 from flows.annotation_sync import annotation_sync
 from flows.deploy import deploy
-from flows.monitor import describe, monitor, service_url, state_path
+from flows.monitor import monitor, service_url, state_path
+from flows.reports import describe
 from flows.training_pipeline import training_pipeline
 from scripts.traffic import Exchange, Question, down_rate, rate, send
 

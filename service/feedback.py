@@ -7,7 +7,8 @@ from typing import Any
 
 import anyio
 
-from components.inference_store import InferenceRecord, InferenceStore, StoreBusy, UnknownRequest
+from components.inference.records import InferenceRecord, StoreBusy, UnknownRequest
+from components.inference.store import InferenceStore
 from components.memory.store import CorrectionMemory, CorrectionRejected
 from service.api import ApiError, FeedbackRequest, FeedbackResponse
 from service.metrics import Metrics

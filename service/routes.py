@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 
 from components.config import MemoryConfig, ServeConfig
-from components.inference_store import InferenceRecord, InferenceStore
+from components.inference.records import InferenceRecord
+from components.inference.store import InferenceStore
 from components.memory.store import CorrectionMemory
 from components.retrieval.index import DocsIndex
 from components.serving.protocol import GenerationInput, GenerationOutput

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from components.inference_store import InferenceRecord, InferenceStore
+from components.inference.records import InferenceRecord
+from components.inference.store import InferenceStore
 from components.records import read_jsonl
 from tests.conftest import free_port
 

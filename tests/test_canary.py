@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from components.config import CanaryConfig, MonitorConfig, load_profile
-from components.inference_store import Answer
+from components.inference.records import Answer
 from tests.conftest import register_tiny_champion
 
 CANARY = CanaryConfig(enabled=True, share=0.5, min_feedback=10, min_requests=10)

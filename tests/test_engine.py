@@ -185,7 +185,7 @@ def test_the_service_serves_on_the_engine_over_http(champion_home, tmp_path) -> 
 
     import httpx
 
-    from components.inference_store import InferenceStore
+    from components.inference.store import InferenceStore
     from tests.conftest import ServedService
 
     engine = "serve.engine.name=openvino serve.engine.weights=fp32"

@@ -167,7 +167,7 @@ def test_two_models_served_at_once_chosen_by_name_and_by_the_router(fleet) -> No
         assert any(line.startswith("data: [DONE]") for line in stream.iter_lines())
 
     # The choice is in the inference log and the metrics.
-    from components.inference_store import InferenceStore
+    from components.inference.store import InferenceStore
 
     with InferenceStore() as store:
         logged = {a.request_id: a for a in store.answers_since(0)}

@@ -191,7 +191,8 @@ def test_deployment_runs_on_a_flywheel_worker(home, prefect_server) -> None:
     assert training.global_concurrency_limit.limit == 1  # two retrains never overlap
 
     # A monitor run that sees drift and thumbs-down starts a retrain through the deployment.
-    from flows.monitor import monitor, running_retrain
+    from flows.monitor import monitor
+    from flows.retrain import running_retrain
 
     log_drifting_traffic(str(champion.version))
     os.environ["FLYWHEEL_SERVICE_URL"] = "http://127.0.0.1:9"  # nothing listens: not judged
@@ -217,7 +218,8 @@ def log_drifting_traffic(version: str) -> None:
     """40 off-topic prompts answered by `version`, 30 of them rated down."""
     import time
 
-    from components.inference_store import InferenceRecord, InferenceStore
+    from components.inference.records import InferenceRecord
+    from components.inference.store import InferenceStore
     from components.records import read_jsonl
 
     prompts = [r["prompt"] for r in read_jsonl(REPO_ROOT / "data/seed/drift_prompts.jsonl")]
@@ -245,7 +247,8 @@ def log_memory_traffic(round_: int) -> list[tuple[str, str]]:
     import time
 
     from components.config import load_profile
-    from components.inference_store import InferenceRecord, InferenceStore
+    from components.inference.records import InferenceRecord
+    from components.inference.store import InferenceStore
     from components.memory.store import CorrectionMemory
 
     memory = CorrectionMemory(load_profile("tiny").memory)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from components.data.curated import feedback_corrections, held_out
 from components.data.live import LiveSet, live_items, with_variants
-from components.inference_store import Answer
+from components.inference.records import Answer
 from components.memory.store import MemoryEntry
 
 ENTRY = MemoryEntry(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from components.config import MonitorConfig
-from components.inference_store import Answer
+from components.inference.records import Answer
 from components.monitor.decision import Signals, assess, next_state
 from components.monitor.scrape import Scrape, histogram_quantile, parse_metrics, service_window
 from components.monitor.state import MonitorState
@@ -229,7 +229,8 @@ def test_state_survives_a_round_trip(tmp_path):
 def test_monitor_curates_user_corrections_before_a_retrain(home) -> None:
     """The monitor flow's curation step as a plain function (`.fn`), on a real store."""
     from components.config import load_profile
-    from components.inference_store import InferenceRecord, InferenceStore
+    from components.inference.records import InferenceRecord
+    from components.inference.store import InferenceStore
     from flows.monitor import curate_feedback
 
     with InferenceStore() as store:

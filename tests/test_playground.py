@@ -42,7 +42,7 @@ def test_ask_stream_and_vote_in_the_browser(served, browser, tmp_path) -> None:
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from components.inference_store import InferenceStore
+    from components.inference.store import InferenceStore
 
     wait = WebDriverWait(browser, 60)
     browser.get(served.url)

@@ -69,7 +69,8 @@ def postgres() -> Iterator[Postgres]:
 
 
 def test_inference_log_on_postgres_loses_no_concurrent_write(postgres) -> None:
-    from components.inference_store import InferenceRecord, InferenceStore
+    from components.inference.records import InferenceRecord
+    from components.inference.store import InferenceStore
 
     url = "postgresql+psycopg2://" + postgres.create_database("inference")
     writers, each = 8, 25

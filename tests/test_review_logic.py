@@ -1,7 +1,7 @@
 """Label Studio review logic without a server: parsing annotations, choosing what to review."""
 
 from components.annotate.review import curated_items, parse_review, review_candidates
-from components.inference_store import Answer
+from components.inference.records import Answer
 
 
 def task(result: list[dict], cancelled: bool = False, older: list[dict] | None = None) -> dict:

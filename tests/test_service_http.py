@@ -122,7 +122,7 @@ def test_concurrent_requests_are_batched(served) -> None:
 
 
 def test_feedback_is_stored_and_counted(served, champion_home) -> None:
-    from components.inference_store import InferenceStore
+    from components.inference.store import InferenceStore
 
     generated = httpx.post(f"{served.url}/generate", json={"prompt": "Help?"}).json()
     before = metric(served.url, "flywheel_feedback_total", rating="down")
@@ -271,7 +271,7 @@ def test_every_response_carries_the_model_version(served, path) -> None:
 def test_every_answer_carries_its_trace_id_with_tracing_off(served) -> None:
     """Nothing is exported by default, but the id that would follow the answer is still
     answered and logged, so feedback on it can be traced once tracing is on."""
-    from components.inference_store import InferenceStore
+    from components.inference.store import InferenceStore
 
     answer = httpx.post(f"{served.url}/generate", json={"prompt": "hi", "max_new_tokens": 2})
     trace_id = answer.headers["x-trace-id"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components.inference_store import InferenceStore
+from components.inference.store import InferenceStore
 from components.serving.deploy import SHUTDOWN_TIMEOUT_S
 from tests.conftest import ServedService, sqlite_uri
 

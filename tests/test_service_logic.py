@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from components.inference_store import InferenceRecord, InferenceStore, UnknownRequest
+from components.inference.records import InferenceRecord, UnknownRequest
+from components.inference.store import InferenceStore
 from components.model.generation import GenerationRequest, generate_requests, group_requests
 from service.generator_client import ERROR_STATUS
 

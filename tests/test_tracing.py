@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from components.config import TracingConfig
-from components.inference_store import InferenceStore
+from components.inference.store import InferenceStore
 from service.tracing import tracing_options
 from tests.conftest import ServedService, free_port
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from components.data.curated import CuratedItem
-from components.inference_store import Answer
+from components.inference.records import Answer
 from components.paths import label_studio_dir, local_secret
 from components.settings import settings
 

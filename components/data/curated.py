@@ -20,7 +20,8 @@ from typing import Protocol
 
 from components.config import PipelineConfig
 from components.data.ingest import curated_versions, load_frozen_test
-from components.inference_store import Answer, InferenceStore
+from components.inference.records import Answer
+from components.inference.store import InferenceStore
 from components.paths import curated_dir
 from components.records import Example, read_jsonl, write_jsonl
 from components.text import Decontaminator, normalize_text, scrub_pii

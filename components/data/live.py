@@ -23,7 +23,8 @@ from typing import Any
 
 from components.config import PipelineConfig
 from components.data.curated import CuratedItem, curate, held_out
-from components.inference_store import Answer, InferenceStore
+from components.inference.records import Answer
+from components.inference.store import InferenceStore
 from components.memory.store import CorrectionMemory, MemoryEntry
 from components.paths import curated_dir
 from components.records import Example, content_hash, load_examples, save_examples

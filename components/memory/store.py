@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from components.config import MemoryConfig
-from components.inference_store import open_engine
+from components.inference.schema import open_engine
 from components.model.embedding import sentence_embedder
 from components.text import normalize_text, scrub_pii
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from components.config import CanaryConfig, MonitorConfig
-from components.inference_store import Answer
+from components.inference.records import Answer
 from components.monitor.feedback import down_rate_p_value, down_rate_p_value_vs_rate
 
 Action = Literal["promote", "roll back", "wait"]

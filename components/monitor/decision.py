@@ -12,7 +12,7 @@ from typing import Any
 
 from components.config import MonitorConfig
 from components.domain import DomainModel
-from components.inference_store import Answer
+from components.inference.records import Answer
 from components.monitor.drift import DriftReport, prompt_drift
 from components.monitor.feedback import FeedbackWindow, feedback_window
 from components.monitor.scrape import Scrape, ServiceWindow, service_window

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from components.config import MonitorConfig
-from components.inference_store import Answer
+from components.inference.records import Answer
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The inference log and user feedback: a durable store that monitoring and curation read."""
