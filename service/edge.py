@@ -59,6 +59,11 @@ class ServiceEdge:
     `Retry-After`; an error answer that is not JSON (a 404 or 405 from the router, for one) is
     rewritten as an OpenAI error; past `max_concurrency` requests in flight a request gets 429
     at once; while draining, new requests get 503. Health and metrics routes are never refused.
+
+    The limit is counted here rather than with BentoML's `traffic.max_concurrency`: BentoML's
+    middleware sits outside the service's own, so its 429 would reach clients without
+    `Retry-After`, `x-model-version` or the OpenAI error shape, and before the drain's 503.
+    BentoML's `traffic.timeout` is used as it is.
     """
 
     OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})

@@ -159,7 +159,7 @@ def test_the_monitor_rolls_a_canary_back_and_promotes_the_next(
         # Canary users rate every answer down, champion users up: rolled back.
         sides = _traffic(url, [f"a{i}" for i in range(24)], {"canary": "down", "champion": "up"})
         assert sides["canary"] >= 10 and sides["champion"] >= 10
-        outcome = monitor(load_profile("tiny"), retrain="off")["canary"]
+        outcome = monitor(profile="tiny", retrain="off")["canary"]
         assert outcome["decision"] == "rolled back"
         assert "significantly above the champion's 0% thumbs-down" in outcome["reason"]
         tags = client.get_model_version(name, "2").tags
@@ -175,12 +175,12 @@ def test_the_monitor_rolls_a_canary_back_and_promotes_the_next(
         deploy(name, "3", load_profile("tiny"), port=port, canary=True)
         assert served()["canary"] == "3"
         _traffic(url, [f"b{i}" for i in range(24)], {"canary": "up", "champion": "up"})
-        waiting = monitor(load_profile("tiny"), retrain="off")["canary"]
+        waiting = monitor(profile="tiny", retrain="off")["canary"]
         assert waiting["decision"] == "promoted", waiting
         assert "not significantly above the champion's 0% thumbs-down" in waiting["reason"]
         assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "3"
         assert client.get_model_version(name, "3").tags["canary.decision"] == "promoted"
         assert served() == {name: "3", "champion": "3"}
-        assert monitor(load_profile("tiny"), retrain="off")["canary"] is None  # none left
+        assert monitor(profile="tiny", retrain="off")["canary"] is None  # none left
     finally:
         stop_service()

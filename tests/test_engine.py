@@ -264,7 +264,7 @@ def test_a_refused_conversion_is_served_on_the_reference_and_recorded(
 ) -> None:
     from components.config import load_profile
     from components.registry.tracking import mlflow_client
-    from components.serving import quality
+    from components.serving import loading, quality
     from components.serving.loading import default_model_uri
     from components.serving.model import ServedModel
 
@@ -272,7 +272,7 @@ def test_a_refused_conversion_is_served_on_the_reference_and_recorded(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{champion_home / 'mlflow.db'}")
     monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
     verdict = quality.EngineQuality("openvino", 16, 0.05, 0.30, 0.25, 0.35, 0.95)
-    monkeypatch.setattr(quality, "check_engine", lambda *args: verdict)
+    monkeypatch.setattr(loading, "check_engine", lambda *args: verdict)
     # int8 weights: a folder not yet checked in this home
     config = load_profile("tiny", ["serve.engine.name=openvino", "serve.engine.weights=int8"])
     served = ServedModel.from_uri(default_model_uri(), warmup=False, config=config)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 
-from mlflow.exceptions import MlflowException
-
 from components.config import PipelineConfig
 from components.domain import DomainModel
 from components.memory.store import CorrectionMemory
@@ -19,6 +17,8 @@ log = logging.getLogger(__name__)
 
 def reference_prompts(config: PipelineConfig) -> tuple[list[str], str | None]:
     """The champion's training prompts (logged with its run), and the champion's version."""
+    from mlflow.exceptions import MlflowException  # mlflow loads only when the registry is read
+
     champion = current_champion(config.registry.model_name)
     if champion is None:
         return [], None

@@ -9,8 +9,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mlflow.exceptions import MlflowException
-
 from components.registry.tracking import mlflow_client
 
 CHAMPION = "champion"  # the version to serve
@@ -20,6 +18,8 @@ CANARY = "canary"  # promoted by the offline gate, serving a share of traffic (s
 
 def version_at(model_name: str, alias: str) -> Any | None:
     """The model version `alias` points to, or None."""
+    from mlflow.exceptions import MlflowException  # mlflow loads only when the registry is read
+
     try:
         return mlflow_client().get_model_version_by_alias(model_name, alias)
     except MlflowException:
