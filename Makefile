@@ -173,7 +173,7 @@ test-fast: setup
 
 lint: setup
 	$(PY) -m ruff check .
-	$(VENV)/bin/lint-imports
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m scripts.check_imports
 	$(PY) -m ruff format --check components flows service tests benchmarks scripts
 	$(PY) -m mypy

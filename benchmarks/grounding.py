@@ -28,7 +28,7 @@ from components.evaluate.evaluation import (
     per_example_scores,
     summarize,
 )
-from components.paths import flywheel_home
+from components.paths import benchmarks_dir, flywheel_home
 from components.registry.register import download_version
 from components.retrieval.index import profile_index
 from components.serving.loading import resolve_model_uri
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         d = differences[metric]
         change = f"{d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
         print(f"{metric:<12}{cells[0]:>24}{cells[1]:>24}{change:>26}")
-    out = home / "benchmarks" / f"grounding-{args.profile}.json"
+    out = benchmarks_dir() / f"grounding-{args.profile}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
