@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from components.config import PipelineConfig
 from components.registry.aliases import CHAMPION
 from components.serving.loading import ModelNotFound, default_model_uri, resolve_model_uri
 from components.serving.protocol import GenerationOutput
@@ -33,11 +34,12 @@ class ServedModels:
         self.metrics = metrics
         self.router = router  # learns the domain of each champion version
 
-    def announce_version(self) -> None:
-        """Read the version about to be served from the registry, so that every response,
-        health and metrics included, names it from the start (the generator logs why not)."""
+    def announce_version(self, config: PipelineConfig) -> None:
+        """Read the version about to be served (by the profile `config`) from the registry, so
+        that every response, health and metrics included, names it from the start (the
+        generator logs why not)."""
         try:
-            _, version = resolve_model_uri(default_model_uri())
+            _, version = resolve_model_uri(default_model_uri(config), config)
         except ModelNotFound:
             return  # the generator says so, in one line
         except Exception as exc:

@@ -164,7 +164,7 @@ class Flywheel:
             PROFILE.memory,
             docs,
         )
-        self.gateway.models.announce_version()
+        self.gateway.models.announce_version(PROFILE)
         self.gateway.warm_memory()
         drain_on_sigterm()
 
