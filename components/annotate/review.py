@@ -60,9 +60,9 @@ def label_studio_token(create: bool = False) -> str:
     """`LABEL_STUDIO_API_KEY`, else the local server's token (`$FLYWHEEL_HOME/labelstudio/
     token`), made first when `create` (the local server takes it on its first start); "" if
     there is none."""
+    if key := settings().label_studio_api_key:
+        return key
     token_file = label_studio_dir() / "token"
-    if settings().label_studio_api_key:
-        return settings().label_studio_api_key or ""
     if create or token_file.is_file():
         return local_secret(token_file)
     return ""
