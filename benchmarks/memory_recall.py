@@ -19,6 +19,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -86,6 +88,27 @@ def measure(url: str, facts: list[dict], unrelated: list[str]) -> dict:
     }
 
 
+@contextmanager
+def memory_service(profile: str, port: int, run: Path, overrides: str = "") -> Iterator[str]:
+    """`bentoml serve` of the profile's champion with `memory.trust=feedback` and a feedback
+    database (so a memory) of its own under `run`; yields its URL."""
+    env = {
+        **service_env(profile),
+        OVERRIDES_ENV: f"memory.trust=feedback {overrides}".strip(),
+        "FLYWHEEL_FEEDBACK_DB": f"sqlite:///{run / 'feedback.db'}",
+        "BENTOML_HOME": str(run / "bentoml"),
+    }
+    url = f"http://127.0.0.1:{port}"
+    server = Server.start(
+        "the service", serve_command(port), f"{url}/readyz", run / "service.log", env=env
+    )
+    try:
+        server.wait_ready(300)
+        yield url
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.memory_recall", description=__doc__.split("\n\n")[0]
@@ -102,24 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         figures = measure(args.url, facts, unrelated_prompts())
     else:
         run = out_dir / f"memory-{time.strftime('%Y%m%d-%H%M%S')}"
-        env = {
-            **service_env(args.profile),
-            OVERRIDES_ENV: "memory.trust=feedback",
-            "FLYWHEEL_FEEDBACK_DB": f"sqlite:///{run / 'feedback.db'}",  # a memory of its own
-            "BENTOML_HOME": str(run / "bentoml"),
-        }
-        server = Server.start(
-            "the service",
-            serve_command(args.port),
-            f"http://127.0.0.1:{args.port}/readyz",
-            run / "service.log",
-            env=env,
-        )
-        try:
-            server.wait_ready(300)
-            figures = measure(f"http://127.0.0.1:{args.port}", facts, unrelated_prompts())
-        finally:
-            server.stop()
+        with memory_service(args.profile, args.port, run) as url:
+            figures = measure(url, facts, unrelated_prompts())
     print(
         f"{figures['facts']} facts: stated on the same question "
         f"{figures['same_question_stated']}/{figures['facts']}, on a rephrasing "

@@ -324,10 +324,19 @@ class MemoryConfig(StrictModel):
 
     `trust: reviewed` serves only corrections approved or made in Label Studio;
     `trust: feedback` also serves corrections sent to `POST /feedback`, once `min_agreement`
-    different clients sent the same one, within the per-client rate and size limits."""
+    different clients sent the same one, within the per-client rate and size limits.
+
+    An entry answers only a question that asks the same thing (`components/memory/scope.py`):
+    its correction fits the question by `threshold`, better than any other by `margin`, and
+    the question names every word that tells the entry apart from its family (`entity_match`);
+    otherwise the memory abstains and the model answers."""
 
     enabled: bool = True
-    threshold: float = Field(default=0.7, gt=0, le=1)  # cosine similarity of the questions
+    threshold: float = Field(default=0.55, gt=0, le=1)  # cosine, the question to the correction
+    margin: float = Field(default=0.03, ge=0, lt=1)  # the best fit over the runner-up
+    same_question: float = Field(default=0.95, gt=0, le=1)  # cosine of the two questions
+    entity_match: float = Field(default=0.45, ge=0, le=1)  # a distinguishing word to a phrase
+    family: float = Field(default=0.6, gt=0, le=1)  # corrections this similar are siblings
     trust: Literal["reviewed", "feedback"] = "reviewed"
     min_agreement: int = Field(default=1, ge=1)
     max_correction_chars: int = Field(default=2000, gt=0)

@@ -74,8 +74,11 @@ class FeedbackDesk:
     def memory_entries(self) -> dict[str, Any]:
         if self.memory is None:
             return {"enabled": False, "served": [], "entries": []}
-        served = {e.id for e in self.memory.served()}
-        entries = [{**e.to_dict(), "served": e.id in served} for e in self.memory.entries()]
+        families = self.memory.families()  # served entries: what tells each apart, siblings
+        entries = [
+            {**e.to_dict(), "served": e.id in families, **families.get(e.id, {})}
+            for e in self.memory.entries()
+        ]
         return {"enabled": True, "trust": self.memory.config.trust, "entries": entries}
 
     def forget(self, entry_id: str) -> dict[str, Any]:

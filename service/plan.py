@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 
 from components.config import ServeConfig
-from components.memory.store import CorrectionMemory, Recall
+from components.memory.store import CorrectionMemory, Lookup, Recall
 from components.registry.aliases import CHAMPION
 from components.retrieval.index import DocsIndex, Hit
 from components.serving.protocol import GenerationInput, GenerationOutput
@@ -43,6 +43,7 @@ class Plan:
     item: GenerationInput
     memory: str  # x-flywheel-memory: hit, miss or off
     recall: Recall | None = None
+    memory_note: str | None = None  # why the memory answered or abstained
     route: str = "off"  # x-flywheel-route: champion, scope, another model's name, or off
     similarity: float | None = None  # to the champion's nearest training prompt
     hits: list[Hit] | None = None
@@ -85,30 +86,30 @@ class Planner:
         """A correction from the memory first; then, unless the request named its model, the
         router: outside the champion's domain the scope reply or the model it sends those to;
         then the model, grounded in the docs when retrieval is on."""
-        memory, recall = await self._recall(question, asked.memory)
-        if recall is not None:
-            return Plan(item, memory, recall, fixed=recall.entry.answer)
+        memory, lookup = await self._look_up(question, asked.memory)
+        note = lookup.reason if lookup else None
+        if lookup is not None and lookup.recall is not None:
+            return Plan(item, memory, lookup.recall, note, fixed=lookup.recall.entry.answer)
         route, similarity = ("off", None) if item.model else await self._route(question)
         if route == "scope":
-            return Plan(
-                item, memory, None, route, similarity, fixed=self.settings.routing.scope_reply
-            )
+            reply = self.settings.routing.scope_reply
+            return Plan(item, memory, None, note, route, similarity, fixed=reply)
         if route not in (CHAMPION, "off"):
             item = item.model_copy(update={"model": route, "routed": True})
         grounded, hits = self._ground(item, question, asked)
-        return Plan(grounded, memory, None, route, similarity, hits)
+        return Plan(grounded, memory, None, note, route, similarity, hits)
 
-    async def _recall(self, question: str, use_memory: bool) -> tuple[str, Recall | None]:
-        """(x-flywheel-memory value, the entry that answers): the memory is consulted unless
+    async def _look_up(self, question: str, use_memory: bool) -> tuple[str, Lookup | None]:
+        """(x-flywheel-memory value, what the memory did): the memory is consulted unless
         the request opted out (`x-flywheel-memory: off`) or the profile turned it off."""
         if self.memory is None or not use_memory:
             self.metrics.memory_lookups.labels("off").inc()
             return "off", None
-        recall = await anyio.to_thread.run_sync(self.memory.recall, question)
+        lookup = await anyio.to_thread.run_sync(self.memory.look_up, question)
         self.metrics.memory_entries.set(len(self.memory.served()))
-        status = "hit" if recall else "miss"
+        status = "hit" if lookup.recall else "miss"
         self.metrics.memory_lookups.labels(status).inc()
-        return status, recall
+        return status, lookup
 
     async def _route(self, question: str) -> tuple[str, float | None]:
         """(x-flywheel-route, the similarity): for a question outside the champion's domain

@@ -185,6 +185,7 @@ class Gateway:
                 latency_ms=latency_ms,
                 confidence=out.confidence,
                 memory_entry=plan.recall.entry.id if plan.recall else None,
+                memory_note=plan.memory_note,
                 trace_id=current_trace_id(),
                 route=plan.route,
                 route_similarity=plan.similarity,

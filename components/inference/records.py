@@ -22,6 +22,7 @@ class InferenceRecord:
     latency_ms: float
     confidence: float | None = None
     memory_entry: str | None = None  # the correction-memory entry that answered, if one did
+    memory_note: str | None = None  # why the memory answered or abstained
     trace_id: str | None = None  # the request's OpenTelemetry trace (32 hex digits)
     route: str | None = None  # where the router sent it: champion, scope, a model's name, off
     route_similarity: float | None = None  # to the champion's nearest training prompt

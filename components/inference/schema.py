@@ -59,6 +59,7 @@ def tables(metadata: MetaData) -> tuple[Table, Table]:
         Column("latency_ms", Float, nullable=False),
         Column("confidence", Float),
         Column("memory_entry", String(40)),
+        Column("memory_note", Text),
         Column("trace_id", String(32)),
         Column("route", String(16)),
         Column("route_similarity", Float),

@@ -11,6 +11,10 @@ served is the profile's `memory:` policy:
   different clients sent the same correction for the same question; each client may send
   `corrections_per_client_per_hour`, each at most `max_correction_chars`; PII is scrubbed.
 
+Every entry also records what it is about (the words of its question that its correction
+restates); which of them tell it apart from its family is worked out over the served entries,
+and an entry answers only a question that names them (`components/memory/scope.py`).
+
 Retired entries (the champion's weights now state the fact) and deleted ones are kept for
 the record and never served.
 """
@@ -27,7 +31,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from components.config import MemoryConfig
-from components.inference.schema import open_engine
+from components.inference.schema import add_missing_columns, open_engine
+from components.memory.scope import (
+    Family,
+    PhraseVectors,
+    Verdict,
+    about,
+    decide,
+    families,
+    restates,
+)
 from components.model.embedding import sentence_embedder
 from components.text import normalize_text, scrub_pii
 
@@ -46,6 +59,7 @@ class MemoryEntry:
     client: str
     accepted_at: float
     status: str  # active, retired or deleted
+    about: tuple[str, ...] = ()  # the words of its question that its correction restates
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -57,6 +71,25 @@ class MemoryEntry:
 class Recall:
     entry: MemoryEntry
     score: float
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What the memory did with one question: the entry that answers, or why none does."""
+
+    recall: Recall | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Index:
+    """The served entries with their question and correction vectors and their families,
+    swapped as one so readers always see a consistent set."""
+
+    served: list[MemoryEntry]
+    questions: Any = None
+    fits: Any = None  # the correction's vector, or the question's where it restates nothing
+    kin: tuple[Family, ...] = ()
 
 
 class CorrectionRejected(ValueError):
@@ -87,6 +120,8 @@ def _table(metadata: Any) -> Any:
         Column("updated_at", Float, nullable=False),
         Column("status", String(16), nullable=False),
         Column("embedding", Text, nullable=False),
+        Column("answer_embedding", Text),  # JSON vectors; written by older releases without
+        Column("about", Text),
     )
 
 
@@ -101,18 +136,25 @@ class CorrectionMemory:
         metadata = MetaData()
         self.table = _table(metadata)
         metadata.create_all(self.engine)
+        add_missing_columns(self.engine, self.table)
         self._embedder = embedder
+        self._phrases: PhraseVectors | None = None
         self._lock = threading.Lock()
         self._checked_at = 0.0
         self._stamp: tuple[Any, ...] | None = None
-        # (served entries, their question vectors), swapped as one so readers see a pair
-        self._index: tuple[list[MemoryEntry], Any] = ([], None)
+        self._index = _Index([])
 
     @property
     def embedder(self) -> Any:
         if self._embedder is None:
             self._embedder = sentence_embedder(self.config.embedding_model)
         return self._embedder
+
+    @property
+    def phrases(self) -> PhraseVectors:
+        if self._phrases is None:
+            self._phrases = PhraseVectors(self.embedder)
+        return self._phrases
 
     def close(self) -> None:
         self.engine.dispose()
@@ -150,7 +192,7 @@ class CorrectionMemory:
                 f"this client sent {self.config.corrections_per_client_per_hour} corrections in "
                 "the last hour; the memory takes no more from it for now"
             )
-        vector = self.embedder.embed([question])[0]
+        vectors = self.embedder.embed([question, answer])
         entry = MemoryEntry(
             id=f"mem-{uuid.uuid4().hex[:16]}",
             question=question,
@@ -161,6 +203,7 @@ class CorrectionMemory:
             client=client,
             accepted_at=now,
             status="active",
+            about=tuple(about(question, answer, self.phrases)),
         )
         with self.engine.begin() as conn:
             conn.execute(
@@ -169,7 +212,9 @@ class CorrectionMemory:
                     **entry.to_dict(),
                     "key": _key(question, answer),
                     "updated_at": now,
-                    "embedding": json.dumps([round(float(v), 6) for v in vector]),
+                    "embedding": _vector_json(vectors[0]),
+                    "answer_embedding": _vector_json(vectors[1]),
+                    "about": json.dumps(entry.about),
                 },
             )
         self._checked_at = 0.0  # this process sees its own change at once
@@ -190,12 +235,12 @@ class CorrectionMemory:
         from sqlalchemy import select
 
         t = self.table
-        query = select(*[t.c[f] for f in MemoryEntry.__dataclass_fields__]).where(
+        query = select(*[t.c[f] for f in _FIELDS]).where(
             t.c.request_id == request_id, t.c.source == source, t.c.key == key
         )
         with self.engine.connect() as conn:
             row = conn.execute(query).mappings().first()
-        return MemoryEntry(**row) if row else None
+        return _entry(row) if row else None
 
     def _sent_last_hour(self, client: str, now: float) -> int:
         from sqlalchemy import func, select
@@ -213,31 +258,53 @@ class CorrectionMemory:
         """Every entry (or those with `status`), oldest first."""
         from sqlalchemy import select
 
-        query = select(*[self.table.c[f] for f in MemoryEntry.__dataclass_fields__])
+        query = select(*[self.table.c[f] for f in _FIELDS])
         if status is not None:
             query = query.where(self.table.c.status == status)
         with self.engine.connect() as conn:
             rows = conn.execute(query.order_by(self.table.c.accepted_at)).mappings().all()
-        return [MemoryEntry(**row) for row in rows]
+        return [_entry(row) for row in rows]
 
     def served(self) -> list[MemoryEntry]:
         """The entries the policy serves now (one per question and correction)."""
         self._refresh()
-        return list(self._index[0])
+        return list(self._index.served)
+
+    def families(self) -> dict[str, dict[str, Any]]:
+        """For each served entry: the words that tell it apart and its siblings' ids."""
+        self._refresh()
+        index = self._index
+        return {
+            entry.id: {
+                "distinguishing": family.distinguishing,
+                "siblings": [index.served[j].id for j in family.siblings],
+            }
+            for entry, family in zip(index.served, index.kin, strict=True)
+        }
 
     def recall(self, question: str) -> Recall | None:
-        """The served entry whose question is most similar, if at least `threshold`."""
+        """The served entry that answers `question`, if one does (see `look_up`)."""
+        return self.look_up(question).recall
+
+    def look_up(self, question: str) -> Lookup:
+        """The served entry that asks the same thing as `question`, or why none answers."""
         self._refresh()
-        served, vectors = self._index
-        if not served:
-            return None
+        index = self._index
+        if not index.served:
+            return Lookup(None, "the memory serves no corrections")
         vector = self.embedder.embed([normalize_text(question)])[0]
-        scores = vectors @ vector
-        best = int(scores.argmax())
-        score = float(scores[best])
-        if score < self.config.threshold:
-            return None
-        return Recall(served[best], score)
+        verdict: Verdict = decide(
+            question,
+            vector,
+            index.questions,
+            index.fits,
+            index.kin,
+            self.phrases,
+            self.config,
+        )
+        if verdict.best is None:
+            return Lookup(None, verdict.reason)
+        return Lookup(Recall(index.served[verdict.best], verdict.score), verdict.reason)
 
     def _refresh(self) -> None:
         """Reload the served entries when the table changed (checked at most every second)."""
@@ -256,8 +323,24 @@ class CorrectionMemory:
                 rows = conn.execute(
                     select(t).where(t.c.status == "active").order_by(t.c.accepted_at)
                 ).mappings()
-                self._load([dict(r) for r in rows])
+                rows = [self._complete(dict(r)) for r in rows]
+            self._load(rows)
             self._stamp = stamp
+
+    def _complete(self, row: dict[str, Any]) -> dict[str, Any]:
+        """An entry written by an older release, given what it is about and its correction's
+        vector (stored, so this happens once)."""
+        if row["about"] is not None and row["answer_embedding"] is not None:
+            return row
+        row["about"] = json.dumps(about(row["question"], row["answer"], self.phrases))
+        row["answer_embedding"] = _vector_json(self.embedder.embed([row["answer"]])[0])
+        with self.engine.begin() as conn:
+            conn.execute(
+                self.table.update()
+                .where(self.table.c.id == row["id"])
+                .values(about=row["about"], answer_embedding=row["answer_embedding"])
+            )
+        return row
 
     def _load(self, rows: list[dict[str, Any]]) -> None:
         import numpy as np
@@ -265,7 +348,7 @@ class CorrectionMemory:
         clients: dict[str, set[str]] = {}
         for row in rows:
             clients.setdefault(row["key"], set()).add(row["client"])
-        served, vectors, seen = [], [], set()
+        served, questions, answers, seen = [], [], [], set()
         for row in rows:
             if row["key"] in seen:
                 continue
@@ -273,9 +356,43 @@ class CorrectionMemory:
             agreed = len(clients[row["key"]]) >= self.config.min_agreement
             if reviewed or (self.config.trust == "feedback" and agreed):
                 seen.add(row["key"])
-                served.append(MemoryEntry(**{f: row[f] for f in MemoryEntry.__dataclass_fields__}))
-                vectors.append(json.loads(row["embedding"]))
-        self._index = (served, np.asarray(vectors, dtype=np.float32) if vectors else None)
+                served.append(_entry(row))
+                questions.append(json.loads(row["embedding"]))
+                answers.append(json.loads(row["answer_embedding"]))
+        if not served:
+            self._index = _Index([])
+            return
+        question_vectors = np.asarray(questions, dtype=np.float32)
+        # What a question is fitted to: the correction where it restates what it is about,
+        # the corrected question where it does not (a bare value: "45 days.").
+        fit_vectors = np.asarray(
+            [
+                a if restates(e.about, e.answer) else q
+                for e, q, a in zip(served, questions, answers, strict=True)
+            ],
+            dtype=np.float32,
+        )
+        kin = families(
+            [e.about for e in served],
+            [f"{e.question}\n{e.answer}" for e in served],
+            fit_vectors,
+            self.config,
+        )
+        self._index = _Index(served, question_vectors, fit_vectors, tuple(kin))
+
+
+def _vector_json(vector: Any) -> str:
+    return json.dumps([round(float(v), 6) for v in vector])
+
+
+_FIELDS = list(MemoryEntry.__dataclass_fields__)
+
+
+def _entry(row: Any) -> MemoryEntry:
+    """An entry from its row (`about` is stored as JSON, absent in older rows)."""
+    fields = {f: row[f] for f in _FIELDS}
+    fields["about"] = tuple(json.loads(row["about"])) if row["about"] else ()
+    return MemoryEntry(**fields)
 
 
 def remember_reviews(config: MemoryConfig, items: list[Any]) -> int:
