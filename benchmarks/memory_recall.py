@@ -89,11 +89,14 @@ def measure(url: str, facts: list[dict], unrelated: list[str]) -> dict:
 
 
 @contextmanager
-def memory_service(profile: str, port: int, run: Path, overrides: str = "") -> Iterator[str]:
-    """`bentoml serve` of the profile's champion with `memory.trust=feedback` and a feedback
-    database (so a memory) of its own under `run`; yields its URL."""
+def memory_service(
+    profile: str, port: int, run: Path, overrides: str = "", model_uri: str | None = None
+) -> Iterator[str]:
+    """`bentoml serve` of the profile's champion (or `model_uri`; `base`: the base model) with
+    `memory.trust=feedback` and a feedback database (so a memory) of its own under `run`;
+    yields its URL."""
     env = {
-        **service_env(profile),
+        **service_env(profile, model_uri),
         OVERRIDES_ENV: f"memory.trust=feedback {overrides}".strip(),
         "FLYWHEEL_FEEDBACK_DB": f"sqlite:///{run / 'feedback.db'}",
         "BENTOML_HOME": str(run / "bentoml"),
@@ -103,7 +106,7 @@ def memory_service(profile: str, port: int, run: Path, overrides: str = "") -> I
         "the service", serve_command(port), f"{url}/readyz", run / "service.log", env=env
     )
     try:
-        server.wait_ready(300)
+        server.wait_ready(900)  # the first start of a version converts it for the engine
         yield url
     finally:
         server.stop()

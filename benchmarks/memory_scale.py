@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="cpu-small")
     parser.add_argument("--sizes", default="24,96,240", help="facts taught, comma-separated")
     parser.add_argument("--port", type=int, default=3303)
+    parser.add_argument(
+        "--model-uri", help="the model that answers what the memory does not (default: champion)"
+    )
     args = parser.parse_args(argv)
 
     facts = read_jsonl(args.facts_dir / "facts.jsonl")
@@ -214,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         groups = {f["group"] for f in chosen}
         near = [u for u in untaught if u["group"] in groups]
         started = time.perf_counter()
-        with memory_service(args.profile, args.port, run / str(size), OVERRIDES) as url:
+        with memory_service(
+            args.profile, args.port, run / str(size), OVERRIDES, args.model_uri
+        ) as url:
             figures = measure(url, chosen, near, general)
         figures["seconds"] = round(time.perf_counter() - started)
         results.append(figures)

@@ -25,7 +25,7 @@ from components.annotate.review import ReviewProject, curated_items, review_cand
 from components.config import PipelineConfig, load_profile
 from components.data.curated import curate, summary, user_corrections
 from components.inference.store import InferenceStore
-from components.memory.store import remember_reviews
+from components.memory.store import CorrectionMemory, remember_reviews
 from components.paths import curated_dir
 from flows.reports import slug
 
@@ -39,7 +39,13 @@ def connect(title: str) -> ReviewProject:
 def push_candidates(project: ReviewProject, config: PipelineConfig, since: float) -> int:
     with InferenceStore() as store:
         answers = store.answers_since(since)
-    candidates = review_candidates(answers, config.monitor.low_confidence)
+    memory = CorrectionMemory(config.memory) if config.memory.enabled else None
+    try:
+        siblings_of = memory.siblings_of if memory is not None else None
+        candidates = review_candidates(answers, config.monitor.low_confidence, siblings_of)
+    finally:
+        if memory is not None:
+            memory.close()
     return project.push(candidates, config.review.max_tasks_per_sync)
 
 

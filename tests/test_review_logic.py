@@ -56,3 +56,16 @@ def test_thumbs_down_and_low_confidence_answers_go_to_review() -> None:
     picked = {a.request_id: reason for a, reason in review_candidates(answers, 0.3)}
     assert set(picked) == {"down", "unsure"}
     assert "low confidence 0.10" in picked["unsure"]
+
+
+def test_a_corrections_review_shows_the_siblings_the_memory_serves() -> None:
+    from dataclasses import replace
+
+    corrected = replace(answer("fix", "down", 0.9), correction="Port 4000 on staging.")
+    served = {"Port 4000 on staging.": "Port 5000 on production. (told apart by: production)"}
+    picked = review_candidates([corrected], 0.3, lambda c: served.get(c, ""))
+    ((_, reason),) = picked
+    assert "the user's correction: Port 4000 on staging." in reason
+    assert "the memory already serves its siblings: Port 5000 on production." in reason
+    alone = review_candidates([corrected], 0.3, lambda c: "")
+    assert "siblings" not in alone[0][1]

@@ -232,3 +232,70 @@ def test_memory_answers_at_once_and_survives_a_restart(champion_home: Path, tmp_
         assert ask(reviewed.url, fact["q"])[0] == "miss"  # a user's correction is not reviewed
     finally:
         reviewed.stop()
+
+
+def test_the_memory_tells_siblings_apart(champion_home: Path, tmp_path: Path) -> None:
+    """Through the public API of a real service: three corrections that differ in one word
+    (the region) are each answered for their own region, in other words too; a region that
+    was never taught and an unrelated prompt are left to the model, and the inference log says
+    why; `GET /admin/memory` shows what tells each entry apart and its siblings."""
+    regions = {"Frankfurt": "02:00", "Oregon": "05:30", "Singapore": "21:15"}
+    facts = {
+        region: {
+            "q": f"When does the nightly database backup run in the {region} region?",
+            "a": f"The nightly database backup in the {region} region runs at {time_} UTC.",
+        }
+        for region, time_ in regions.items()
+    }
+    admin = {"authorization": "Bearer test-admin-key"}
+    env = {
+        "FLYWHEEL_SET": "memory.trust=feedback",
+        "FLYWHEEL_ADMIN_KEY": "test-admin-key",
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+    }
+
+    def ask(prompt: str) -> tuple[str, dict]:
+        body = {"prompt": prompt, "max_new_tokens": 8}
+        response = httpx.post(f"{service.url}/generate", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.headers["x-flywheel-memory"], response.json()
+
+    service = ServedService(champion_home, env=env)
+    try:
+        service.wait_ready()
+        for fact in facts.values():
+            first = ask(fact["q"])[1]
+            feedback = httpx.post(
+                f"{service.url}/feedback",
+                json={"request_id": first["request_id"], "rating": "down", "correction": fact["a"]},
+                timeout=60,
+            )
+            assert feedback.json()["memory"].startswith("kept as mem-"), feedback.text
+        for region, fact in facts.items():
+            status, answer = ask(fact["q"])
+            assert (status, answer["text"]) == ("hit", fact["a"])
+            rephrased = (
+                f"For the {region} region, at what time is the database backed up each night?"
+            )
+            status, answer = ask(rephrased)
+            assert (status, answer["text"]) == ("hit", fact["a"]), (region, answer["text"])
+        untaught = "When does the nightly database backup run in the Sydney region?"
+        unrelated = "What is a good name for a grey cat?"
+        misses = []
+        for prompt in (untaught, unrelated):
+            status, answer = ask(prompt)
+            assert status == "miss" and not any(t in answer["text"] for t in regions.values())
+            misses.append(answer["request_id"])
+        listed = httpx.get(f"{service.url}/admin/memory", headers=admin, timeout=30).json()
+        by_answer = {e["answer"]: e for e in listed["entries"]}
+        for region, fact in facts.items():
+            entry = by_answer[fact["a"]]
+            assert region.lower() in entry["distinguishing"], entry
+            assert len(entry["siblings"]) == 2 and entry["id"] not in entry["siblings"]
+    finally:
+        service.stop()
+    with InferenceStore(sqlite_uri_of(champion_home)) as store:
+        notes = [store.get(request_id).memory_note for request_id in misses]
+    abstained = ("two corrections compete", "the question does not name")
+    assert notes[0].startswith(abstained), notes  # why the memory stayed out
+    assert notes[1].startswith("no correction fits"), notes

@@ -14,6 +14,7 @@ The server and its token come from `LABEL_STUDIO_URL` (default http://127.0.0.1:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,14 +81,22 @@ def label_studio_settings() -> tuple[str, str]:
     return url, token
 
 
-def review_candidates(answers: list[Answer], low_confidence: float) -> list[tuple[Answer, str]]:
-    """Answers a person should look at, each with the reason: thumbs-down or low confidence."""
+def review_candidates(
+    answers: list[Answer],
+    low_confidence: float,
+    siblings_of: Callable[[str], str] | None = None,
+) -> list[tuple[Answer, str]]:
+    """Answers a person should look at, each with the reason: thumbs-down or low confidence.
+    With `siblings_of` (the memory's), a correction's reason also lists the corrections of
+    its family already served, so the reviewer sees a conflict before approving."""
     chosen = []
     for answer in answers:
         if answer.rating == "down":
             reason = "thumbs-down from a user"
             if answer.correction:
                 reason += f"; the user's correction: {answer.correction}"
+                if siblings_of is not None and (family := siblings_of(answer.correction)):
+                    reason += f"; the memory already serves its siblings: {family}"
             if answer.comment:
                 reason += f"; comment: {answer.comment}"
             chosen.append((answer, reason))

@@ -9,15 +9,18 @@ abstains with a reason and the model answers:
    A correction restates what it is about in its own, fixed wording, so siblings differ there
    only in what tells them apart, whatever words the asker chose (a correction that restates
    nothing, a bare value, is compared by its question instead). An entry whose *question* is
-   the same (`same_question`) answers outright.
+   the same (`same_question`) is the candidate without competition.
 2. **No competition.** The best correction fits at least `threshold` and better than the
    runner-up by `margin`; otherwise no entry clearly fits, or two compete.
-3. **Entity agreement.** Each entry is *about* the words of its question that its correction
-   restates (the ward, the site, the setting; not the sentence frame). Its *distinguishing* words
-   are those that tell it apart from its family (entries whose corrections are similar,
-   `family`), leaving out words most entries share. The question must name every distinguishing
-   word, in those words or others (`entity_match`, the similarity of the word to a phrase of the
-   question): a question about another site, region, product or setting is another question.
+3. **Entity agreement** (for every candidate). Each entry is *about* the words of its question
+   that its correction restates (the ward, the site, the setting; not the sentence frame). Its
+   *distinguishing* words are those that tell it apart from its family (entries whose
+   corrections are similar, `family`), leaving out words most entries share. The question must
+   name every distinguishing word, in those words or others (`entity_match`, the similarity of
+   the word to a phrase of the question that says no other word of the entry better): a
+   question about another site, region, product or setting is another question.
+   And every name or number the question uses must be one the entry uses: Sydney is not
+   Singapore, and floor 6 is not floor 5, however close their embeddings.
 """
 
 from __future__ import annotations
@@ -53,6 +56,20 @@ def words(text: str) -> list[str]:
 def content_words(text: str) -> list[str]:
     """The words that can carry meaning: no function words, no single letters."""
     return [w for w in words(text) if w not in STOPWORDS and len(w) > 1]
+
+
+def names(text: str) -> list[str]:
+    """The proper names and numbers of `text`, lower-cased: capitalised words that do not start
+    a sentence, acronyms, and words with digits. Two different names are two different things,
+    however similar their embeddings (Sydney and Singapore)."""
+    found = []
+    for sentence in re.split(r"(?<=[.!?:;])\s+|\n+", text.strip()):
+        for i, word in enumerate(re.findall(r"[\w'\u2019]+", sentence)):
+            word = re.sub(r"['\u2019]s$", "", word)
+            upper = word[:1].isupper() and (i > 0 or (word.isupper() and len(word) > 1))
+            if upper or any(c.isdigit() for c in word):
+                found += [w for w in words(word) if w not in STOPWORDS]
+    return found
 
 
 def stem(word: str) -> str:
@@ -94,15 +111,24 @@ class PhraseVectors:
                 self._known[text] = np.asarray(vector, dtype=np.float32)
         return np.stack([self._known[t] for t in texts])
 
-    def coverage(self, units: Sequence[str], said: Sequence[str]) -> Any:
-        """For each unit, how closely some phrase of `said` says it (1.0: the same stem)."""
+    def coverage(
+        self, units: Sequence[str], said: Sequence[str], rivals: Sequence[str] = ()
+    ) -> Any:
+        """For each unit, how closely some phrase of `said` says it (1.0: the same stem). With
+        `rivals` (the entry's other words), a phrase counts only for the unit it is closest
+        to: "medicine orders" says `pharmacy`, so it cannot also stand for `oncology`."""
         import numpy as np
 
         if not units:
             return np.ones(0, dtype=np.float32)
         if not said:
             return np.zeros(len(units), dtype=np.float32)
-        best = (self.of(units) @ self.of(said).T).max(axis=1)
+        near = self.of(units) @ self.of(said).T
+        others = [r for r in rivals if r not in units]
+        if others:
+            rival_best = (self.of(others) @ self.of(said).T).max(axis=0)
+            near = np.where(near >= rival_best, near, 0.0)
+        best = near.max(axis=1)
         stems = {stem(w) for phrase in said for w in phrase.split()}
         return np.where([stem(u) in stems for u in units], 1.0, best)
 
@@ -128,6 +154,8 @@ class Family:
 
     distinguishing: list[str]
     siblings: list[int]  # positions of the entries in its family
+    about: tuple[str, ...]  # what it is about (the rivals of each distinguishing word)
+    mentioned: frozenset[str]  # the stems of every word its question and correction use
 
 
 def families(
@@ -153,7 +181,7 @@ def families(
         distinguishing = sorted(
             {w for w in specific for j in siblings if stem(w) not in mentioned[j]}
         )
-        out.append(Family(distinguishing, siblings))
+        out.append(Family(distinguishing, siblings, tuple(ws), frozenset(mentioned[i])))
     return out
 
 
@@ -183,18 +211,25 @@ def decide(
         return Verdict(None, 1.0, f"{len(same)} corrections of the same question compete")
     if len(same) == 1:
         best = int(same[0])
-        return Verdict(best, float(question_vectors[best] @ question_vector), "same question")
-    fits = fit_vectors @ question_vector
-    order = np.argsort(-fits)
-    best, score = int(order[0]), float(fits[order[0]])
-    if score < config.threshold:
-        return Verdict(None, score, f"no correction fits (best {score:.2f})")
-    if len(order) > 1 and score - float(fits[order[1]]) < config.margin:
-        runner_up = float(fits[order[1]])
-        return Verdict(None, score, f"two corrections compete ({score:.2f} and {runner_up:.2f})")
+        score, why = float(question_vectors[best] @ question_vector), "same question"
+    else:
+        fits = fit_vectors @ question_vector
+        order = np.argsort(-fits)
+        best, score, why = int(order[0]), float(fits[order[0]]), "entities agree"
+        if score < config.threshold:
+            return Verdict(None, score, f"no correction fits (best {score:.2f})")
+        if len(order) > 1 and score - float(fits[order[1]]) < config.margin:
+            runner_up = float(fits[order[1]])
+            return Verdict(
+                None, score, f"two corrections compete ({score:.2f} and {runner_up:.2f})"
+            )
+    said = phrases(question)
     needed = kin[best].distinguishing
-    named = vectors.coverage(needed, phrases(question))
+    named = vectors.coverage(needed, said, rivals=kin[best].about)
     missing = [w for w, c in zip(needed, named, strict=True) if c < config.entity_match]
     if missing:
         return Verdict(None, score, f"the question does not name {', '.join(missing)}")
-    return Verdict(best, score, "entities agree")
+    other = [n for n in names(question) if stem(n) not in kin[best].mentioned]
+    if other:
+        return Verdict(None, score, f"the question names {', '.join(other)}, the correction not")
+    return Verdict(best, score, why)

@@ -282,6 +282,25 @@ class CorrectionMemory:
             for entry, family in zip(index.served, index.kin, strict=True)
         }
 
+    def siblings_of(self, correction: str, limit: int = 5) -> str:
+        """The served corrections of the same family as `correction` (at least `family`
+        similar), each with the words that tell it apart: what a reviewer checks a new
+        correction against. Empty when it has no family."""
+        self._refresh()
+        index = self._index
+        if not index.served:
+            return ""
+        fits = index.fits @ self.embedder.embed([normalize_text(correction)])[0]
+        near = [int(i) for i in fits.argsort()[::-1][:limit] if fits[i] >= self.config.family]
+        same = normalize_text(correction).lower()
+        lines = [
+            f"{index.served[i].answer} (told apart by: "
+            f"{', '.join(index.kin[i].distinguishing) or 'nothing yet'})"
+            for i in near
+            if index.served[i].answer.lower() != same
+        ]
+        return "; ".join(lines)
+
     def recall(self, question: str) -> Recall | None:
         """The served entry that answers `question`, if one does (see `look_up`)."""
         return self.look_up(question).recall
