@@ -80,3 +80,42 @@ def test_each_entry_knows_its_family_and_what_tells_it_apart(memory) -> None:
     )
     assert all(correction(office) in listed for office in OFFICES)
     assert memory.siblings_of("Sourdough needs a long, cold proof.") == ""
+
+
+def test_an_entry_an_older_release_wrote_is_completed_when_first_loaded(home) -> None:
+    """A store from before entries recorded what they are about: the columns are added, and
+    the entry is given its words and its correction's vector once, then served as any other."""
+    import json
+
+    from sqlalchemy import text
+
+    from components.inference.schema import open_engine
+    from components.model.embedding import sentence_embedder
+
+    asked = question("Berlin")
+    vector = sentence_embedder("all-minilm-l6-v2").embed([asked])[0]
+    old = open_engine()
+    with old.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TABLE memory_entries (id VARCHAR(40) PRIMARY KEY, question TEXT, "
+                "answer TEXT, key VARCHAR(64), source VARCHAR(16), request_id VARCHAR(64), "
+                "model_version VARCHAR(128), client VARCHAR(64), accepted_at FLOAT, "
+                "updated_at FLOAT, status VARCHAR(16), embedding TEXT)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO memory_entries VALUES ('mem-old', :q, :a, 'k', 'label-studio', "
+                "'r0', '1', '', 1.0, 1.0, 'active', :e)"
+            ),
+            {"q": asked, "a": correction("Berlin"), "e": json.dumps(vector.tolist())},
+        )
+    old.dispose()
+    memory = CorrectionMemory(MemoryConfig())
+    try:
+        assert memory.recall(asked).entry.id == "mem-old"
+        (entry,) = memory.entries()
+        assert {"berlin", "payments"} <= set(entry.about)
+    finally:
+        memory.close()

@@ -120,7 +120,8 @@ def _table(metadata: Any) -> Any:
         Column("updated_at", Float, nullable=False),
         Column("status", String(16), nullable=False),
         Column("embedding", Text, nullable=False),
-        Column("answer_embedding", Text),  # JSON vectors; written by older releases without
+        # JSON; empty in rows an older release wrote, filled in when they are first loaded
+        Column("answer_embedding", Text),
         Column("about", Text),
     )
 
@@ -342,8 +343,8 @@ class CorrectionMemory:
                 rows = conn.execute(
                     select(t).where(t.c.status == "active").order_by(t.c.accepted_at)
                 ).mappings()
-                rows = [self._complete(dict(r)) for r in rows]
-            self._load(rows)
+                active = [dict(r) for r in rows]
+            self._load([self._complete(row) for row in active])
             self._stamp = stamp
 
     def _complete(self, row: dict[str, Any]) -> dict[str, Any]:
