@@ -119,3 +119,25 @@ def test_an_entry_an_older_release_wrote_is_completed_when_first_loaded(home) ->
         assert {"berlin", "payments"} <= set(entry.about)
     finally:
         memory.close()
+
+
+def test_phrase_vectors_keep_only_the_most_recently_used() -> None:
+    import numpy as np
+
+    from components.memory.scope import PhraseVectors
+
+    class Counting:
+        def __init__(self) -> None:
+            self.embedded: list[str] = []
+
+        def embed(self, texts: list[str]):
+            self.embedded += texts
+            return np.ones((len(texts), 4), dtype=np.float32)
+
+    embedder = Counting()
+    vectors = PhraseVectors(embedder, limit=3)
+    vectors.of(["a", "b", "c"])
+    vectors.of(["a", "d"])  # b, the least recently used, goes
+    assert len(vectors._known) == 3 and "b" not in vectors._known
+    vectors.of(["a", "c", "d"])
+    assert embedder.embedded == ["a", "b", "c", "d"]  # nothing kept was embedded twice

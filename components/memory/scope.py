@@ -26,23 +26,23 @@ abstains with a reason and the model answers:
 from __future__ import annotations
 
 import re
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from components.config import MemoryConfig
+from components.text import FUNCTION_WORDS
 
-# Function words: never what a question is about.
-_FUNCTION_WORDS = """
-    a an the of to in on at for from by with about into onto over under up down off out and or
-    but nor if then than so as is are was were be been being am do does did done doing have has
-    had having can could will would shall should may might must i me my mine we our ours us you
-    your yours he him his she her hers it its they them their theirs this that these those there
-    here what which who whom whose when where why how please tell know need want like just any
-    some all each every no not also still get got let s t d ll re ve m one ones someone
-    something anyone anything thing things way very really"""
-STOPWORDS = frozenset(_FUNCTION_WORDS.split())
+# Never what a question is about: the shared function words, and the rest of a question's frame.
+_QUESTION_FRAME = """
+    about all also am any anyone anything being but could d did doing done down each every get
+    got had has have having he her here hers him his how into just know let like ll m may me
+    might mine must my need no nor not off one ones onto ours out over please re really s shall
+    she should so some someone something still t tell theirs them there they thing things under
+    up us ve very want way what when where which who whom whose why will would yours"""
+STOPWORDS = FUNCTION_WORDS | frozenset(_QUESTION_FRAME.split())
 _WORD = re.compile(r"[a-z0-9]+(?:[.:,][0-9]+)*")
 _RESTATED = 0.8  # a question's word counts as restated by the correction from this similarity
 _SHARED_BY = 0.5  # a word in at least this share of the entries tells none apart
@@ -94,22 +94,31 @@ def phrases(text: str, longest: int = 3) -> list[str]:
 
 
 class PhraseVectors:
-    """Embeddings of single words and short phrases, each computed once per process."""
+    """Embeddings of words and short phrases, the `limit` most recently used kept: questions
+    share most of their phrases (the site, the setting), and a bound keeps what users ask from
+    growing the process without end."""
 
-    def __init__(self, embedder: Any) -> None:
+    def __init__(self, embedder: Any, limit: int = 20_000) -> None:
         self.embedder = embedder
-        self._known: dict[str, Any] = {}
+        self.limit = limit
+        self._known: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
 
     def of(self, texts: Sequence[str]) -> Any:
         import numpy as np
 
-        missing = sorted({t for t in texts if t not in self._known})
-        if missing:
-            vectors = self.embedder.embed(missing) if len(missing) > 1 else None
-            for i, text in enumerate(missing):
-                vector = vectors[i] if vectors is not None else self.embedder.embed([text])[0]
-                self._known[text] = np.asarray(vector, dtype=np.float32)
-        return np.stack([self._known[t] for t in texts])
+        with self._lock:  # requests look up from several threads
+            missing = sorted({t for t in texts if t not in self._known})
+            if missing:
+                for text, vector in zip(missing, self.embedder.embed(missing), strict=True):
+                    self._known[text] = np.asarray(vector, dtype=np.float32)
+            found = []
+            for text in texts:
+                self._known.move_to_end(text)
+                found.append(self._known[text])
+            while len(self._known) > self.limit:
+                self._known.popitem(last=False)
+        return np.stack(found)
 
     def coverage(
         self, units: Sequence[str], said: Sequence[str], rivals: Sequence[str] = ()
@@ -123,10 +132,11 @@ class PhraseVectors:
             return np.ones(0, dtype=np.float32)
         if not said:
             return np.zeros(len(units), dtype=np.float32)
-        near = self.of(units) @ self.of(said).T
+        said_vectors = self.of(said).T
+        near = self.of(units) @ said_vectors
         others = [r for r in rivals if r not in units]
         if others:
-            rival_best = (self.of(others) @ self.of(said).T).max(axis=0)
+            rival_best = (self.of(others) @ said_vectors).max(axis=0)
             near = np.where(near >= rival_best, near, 0.0)
         best = near.max(axis=1)
         stems = {stem(w) for phrase in said for w in phrase.split()}
