@@ -34,7 +34,7 @@ from statistics import quantiles
 
 import httpx
 
-from benchmarks.memory_recall import ask, memory_service
+from benchmarks.memory_recall import memory_service
 from components.paths import benchmarks_dir
 from components.records import read_jsonl
 
@@ -67,18 +67,23 @@ class Asker:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.client = httpx.Client(timeout=300)
         self.hit_ms: list[float] = []
 
     def ask(self, prompt: str, max_new_tokens: int = MODEL_TOKENS) -> tuple[str, dict]:
         started = time.perf_counter()
-        status, answer = ask(self.url, prompt, max_new_tokens)
+        response = self.client.post(
+            f"{self.url}/generate", json={"prompt": prompt, "max_new_tokens": max_new_tokens}
+        )
+        response.raise_for_status()
+        status = response.headers["x-flywheel-memory"]
         if status == "hit":
             self.hit_ms.append((time.perf_counter() - started) * 1000)
-        return status, answer
+        return status, response.json()
 
     def correct(self, request_id: str, correction: str) -> str:
         body = {"request_id": request_id, "rating": "down", "correction": correction}
-        response = httpx.post(f"{self.url}/feedback", json=body, timeout=60)
+        response = self.client.post(f"{self.url}/feedback", json=body)
         response.raise_for_status()
         return str(response.json().get("memory", ""))
 
