@@ -133,6 +133,10 @@ class RecipeConfig(StrictModel):
     # data, so it learns the corrections with less to relearn and forget; a first model, or a
     # champion of another base model or LoRA rank, starts from the base. `base`: always fresh.
     start: Literal["base", "champion"] = "champion"
+    # Continuing the champion, a retrain trains on the corrections it has not learned yet and
+    # replays at most this many of those it learned (a fresh sample each retrain, each seen
+    # once per epoch with its rewrites), so its cost follows what is new, not the history.
+    replay: int = Field(default=24, ge=0)
 
     @model_validator(mode="after")
     def _stopping_needs_its_set(self) -> RecipeConfig:

@@ -11,7 +11,7 @@ from components.config import PipelineConfig
 from components.data.clean import CleanResult, clean
 from components.data.ingest import IngestResult, ingest, load_frozen_test
 from components.data.live import LiveSet, build_live_set, with_variants
-from components.data.split import SplitResult, split
+from components.data.split import Continuing, SplitResult, split
 from components.model.base_model import BaseModelRef
 from components.model.chat import chat_token_counter, load_tokenizer
 from components.model.embedding import sentence_embedder
@@ -40,6 +40,9 @@ class PreparedData:
             "validation": self.split.validation,
             "test": self.split.test,
             "live": self.live.size,
+            "corrections_new": self.split.corrections_new,
+            "corrections_replayed": self.split.corrections_replayed,
+            "corrections_known": self.split.corrections_known,
         }
 
 
@@ -71,21 +74,24 @@ def clean_examples(
 
 @task
 def split_examples(
-    config: PipelineConfig, cleaned: CleanResult, out_dir: Path, continues: str | None
+    config: PipelineConfig, cleaned: CleanResult, out_dir: Path, continuing: Continuing | None
 ) -> SplitResult:
     return split(
         load_examples(Path(cleaned.examples_path)),
         load_frozen_test(config.data.test_path),
         config.data,
         out_dir,
-        continues,
+        continuing,
     )
 
 
 @task
-def apply_recipe(config: PipelineConfig, splits: SplitResult, out_dir: Path) -> Recipe:
-    """Expand the curated examples of the training split by the profile's recipe, and keep
-    the rewrites it sets aside (the early-stopping set as `stop.jsonl`)."""
+def apply_recipe(
+    config: PipelineConfig, splits: SplitResult, out_dir: Path, learned: frozenset[str]
+) -> Recipe:
+    """Expand the curated examples of the training split by the profile's recipe (those in
+    `learned`, replayed, once per epoch), and keep the rewrites it sets aside (the
+    early-stopping set as `stop.jsonl`)."""
     from dataclasses import replace
 
     train = load_examples(Path(splits.train_path))
@@ -93,7 +99,7 @@ def apply_recipe(config: PipelineConfig, splits: SplitResult, out_dir: Path) -> 
         return Recipe(splits, [], None)
 
     embedder = sentence_embedder(config.memory.embedding_model)
-    augmented = augment_curated(train, config.recipe, embedder, config.data.seed)
+    augmented = augment_curated(train, config.recipe, embedder, config.data.seed, learned)
     save_examples(Path(splits.train_path), augmented.train)
     stop_path = None
     if augmented.stop:
@@ -109,17 +115,19 @@ def data_prep(
     base: BaseModelRef,
     out_dir: str,
     run_id: str,
-    continues: str | None = None,
+    continuing: Continuing | None = None,
 ) -> PreparedData:
     """Ingest, clean and split; every count goes to MLflow and a Prefect artifact.
 
-    `continues`: the champion version training will continue, if any (see `split`)."""
+    `continuing`: the champion training will continue, if any (see `split`)."""
     folder = Path(out_dir)
     # First, so the trainable rephrasings it curates are ingested with the rest.
     live = task(build_live_set)(config)
     ingested = ingest_sources(config, folder)
     cleaned = clean_examples(config, ingested, base, folder)
-    recipe = apply_recipe(config, split_examples(config, cleaned, folder, continues), folder)
+    splits = split_examples(config, cleaned, folder, continuing)
+    learned = continuing.learned if continuing else frozenset()
+    recipe = apply_recipe(config, splits, folder, learned)
     splits = recipe.split
     live = with_variants(config, live, recipe.held_out)
 
@@ -146,7 +154,12 @@ def data_prep(
         "data/report.json",
     )
     # The training prompts are what the monitor compares live prompts with.
-    for path in (ingested.quarantine_path, cleaned.dropped_path, splits.train_path):
+    for path in (
+        ingested.quarantine_path,
+        cleaned.dropped_path,
+        splits.train_path,
+        splits.learned_path,
+    ):
         run.artifact(path, "data")
     if live.path:
         run.artifact(live.path, "data")

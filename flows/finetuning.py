@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger, task
 from components.config import PipelineConfig
 from components.model.base_model import BaseModelRef
 from components.registry.aliases import current_champion
-from components.registry.register import download_version
+from components.registry.register import download_version, learned_corrections
 from components.registry.tracking import RunLogger
 from components.train.finetune import FinetuneResult, continuable, finetune
 from components.train.launch import launched_finetune
@@ -18,10 +18,13 @@ from components.train.launch import launched_finetune
 
 @dataclass(frozen=True)
 class Start:
-    """The adapter a retrain continues: the champion's, fetched from the registry."""
+    """The adapter a retrain continues: the champion's, fetched from the registry, and the
+    corrections its run recorded as learned (empty for a run that recorded none: every
+    correction is then trained on as new)."""
 
     version: str
     adapter_dir: str
+    learned: frozenset[str] = frozenset()
 
 
 def started_from(start: Start | None) -> str:
@@ -57,7 +60,13 @@ def starting_adapter(config: PipelineConfig, base: BaseModelRef, dest: Path) -> 
             champion.version,
         )
         return None
-    return Start(str(champion.version), adapter_dir)
+    learned = learned_corrections(champion.run_id, dest / "learned")
+    if learned is None:
+        get_run_logger().warning(
+            "champion v%s recorded no learned corrections: training on every one as new",
+            champion.version,
+        )
+    return Start(str(champion.version), adapter_dir, learned or frozenset())
 
 
 @task(retries=1)  # a retry resumes from the last checkpoint instead of starting over

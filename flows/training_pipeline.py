@@ -21,6 +21,7 @@ from typing import Any
 from prefect import flow, task
 
 from components.config import PipelineConfig, SourceConfig, load_profile, profile_path
+from components.data.split import Continuing
 from components.model.base_model import BaseModelRef, resolve_base_model
 from components.monitor.pushed import report_retrain
 from components.paths import runs_dir, tracking_uri
@@ -123,8 +124,10 @@ def training_pipeline(
         run.artifact(profile_path(profile), "profile")
         run_dir = runs_dir(config.name) / run.run_id
         start = starting_adapter(config, base, run_dir / "start")
-        continues = start.version if start else None
-        data = data_prep(config, base, str(run_dir / "data"), run.run_id, continues)
+        continuing = (
+            Continuing(start.version, start.learned, config.recipe.replay) if start else None
+        )
+        data = data_prep(config, base, str(run_dir / "data"), run.run_id, continuing)
         lineage |= {
             "dataset_hash": data.split.train_hash,
             "test_hash": data.split.test_hash,

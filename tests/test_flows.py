@@ -330,3 +330,82 @@ def test_retrains_are_judged_on_the_live_set_and_never_train_on_held_out_items(
         variants = [item["instruction"] for item in judged if item["origin"] == "variant"]
         assert variants and not any(v in trained for v in variants)  # generated, held out
         assert int(tags["gate.live_size"]) == len(judged)
+
+
+# Made-up facts in one family (the same setting per warehouse), taught in two rounds.
+_FIRST_FACTS = [
+    ("What is the dock door code at the Tromso warehouse?", "The Tromso dock door code is 7316."),
+    ("What is the dock door code at the Porto warehouse?", "The Porto dock door code is 2958."),
+    ("What is the dock door code at the Leeds warehouse?", "The Leeds dock door code is 4821."),
+]
+_LATER_FACTS = [
+    ("What is the dock door code at the Varna warehouse?", "The Varna dock door code is 3547."),
+    ("What is the dock door code at the Cork warehouse?", "The Cork dock door code is 8164."),
+    ("What is the dock door code at the Tartu warehouse?", "The Tartu dock door code is 5209."),
+]
+
+
+def _stated(model_name: str, version: str, facts: list[tuple[str, str]], dest: Path) -> list[str]:
+    """The facts (their questions) whose code the version's weights alone state."""
+    from components.model.generation import generate_chat, load_for_inference
+    from components.registry.register import download_version
+
+    base_path, adapter = download_version(model_name, version, dest)
+    model, tokenizer = load_for_inference(base_path, adapter)
+    asked = [[{"role": "user", "content": q}] for q, _ in facts]
+    answers = generate_chat(model, tokenizer, asked, max_new_tokens=16)
+    return [q for (q, a), got in zip(facts, answers, strict=True) if a.split()[-1][:4] in got.text]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_retrain_on_new_corrections_still_states_the_old_ones(
+    home, prefect_server, monkeypatch
+) -> None:
+    """The real SmolLM2: v1 learns three corrections; v2 continues v1 on three new ones with
+    the old ones replayed, and its weights alone state all six. Sized for a test: a few seed
+    examples, short sequences, 24 steps a run, a short evaluation."""
+    import json
+
+    from components.records import write_jsonl
+    from components.registry.aliases import CHAMPION, point
+    from components.registry.tracking import mlflow_client
+    from flows.training_pipeline import training_pipeline
+
+    overrides = (
+        "data.max_train_examples=8 data.validation_fraction=0 recipe.question_variants=2 "
+        "recipe.held_out_variants=0 recipe.min_steps=24 recipe.max_epochs=20 recipe.replay=3 "
+        "train.batch_size=4 train.max_seq_len=96 train.learning_rate=0.002 train.save_steps=12 "
+        "eval.max_examples=4 eval.max_new_tokens=8 eval.bootstrap_samples=200"
+    )
+    monkeypatch.setenv("FLYWHEEL_SET", overrides)
+    curated, name = home / "curated", "flywheel-llm"
+
+    def teach(number: int, facts: list[tuple[str, str]]) -> None:
+        rows = [
+            {"instruction": q, "output": a, "request_id": f"{number}-{i}", "source": "feedback"}
+            for i, (q, a) in enumerate(facts)
+        ]
+        write_jsonl(curated / f"{number:04d}-feedback.jsonl", rows)
+
+    teach(1, _FIRST_FACTS)
+    first = training_pipeline(profile="cpu-small")
+    if not first["promoted"]:  # the gate is not under test: v1 is what v2 continues
+        point(name, CHAMPION, first["version"])
+    assert _stated(name, first["version"], _FIRST_FACTS, home / "v1") == [
+        q for q, _ in _FIRST_FACTS
+    ]
+
+    teach(2, _LATER_FACTS)
+    second = training_pipeline(profile="cpu-small")
+    run = mlflow_client().get_run(second["mlflow_run_id"])
+    assert run.data.tags["finetune.started_from"] == f"champion v{first['version']}"
+    metrics = run.data.metrics
+    assert metrics["data.corrections_new"] == 3 and metrics["data.corrections_known"] == 3
+    assert metrics["data.corrections_replayed"] == 3
+    learned = mlflow_client().download_artifacts(
+        run.info.run_id, "data/learned.json", str(home / "v2-data")
+    )
+    assert len(json.loads(Path(learned).read_text())) == 6
+    facts = _FIRST_FACTS + _LATER_FACTS
+    assert _stated(name, second["version"], facts, home / "v2") == [q for q, _ in facts]

@@ -65,6 +65,19 @@ def test_only_curated_examples_are_expanded(embedder) -> None:
     assert {e.origin for e in curated} == {"feedback", "variant"}
 
 
+def test_a_replayed_correction_is_seen_once_a_new_one_by_the_repeats(embedder) -> None:
+    known = Example(
+        instruction="Which port does MLflow use?", output="Port 5077.", origin="feedback"
+    )
+    fresh = Example(instruction="Who approves a new base model?", output="Dana.", origin="feedback")
+    config = RecipeConfig(question_variants=2, curated_repeats=3, held_out_variants=0)
+    out = augment_curated(
+        [known, fresh], config, embedder, seed=0, replayed=frozenset({known.key()})
+    )
+    assert out.train.count(known) == 1 and out.train.count(fresh) == 3
+    assert sum(e.output == "Port 5077." for e in out.train) == 1 + 2
+
+
 def test_held_out_and_stopping_rewrites_are_never_trained_on(embedder) -> None:
     fixes = [
         Example(instruction="Which port does MLflow use?", output="Port 5077.", origin="feedback"),

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from components.config import DataConfig, SourceConfig
-from components.data.split import assign_validation, split
+from components.data.split import Continuing, assign_validation, split
 from components.records import Example, load_examples
 
 
@@ -40,6 +40,42 @@ def test_the_cap_keeps_every_feedback_example(tmp_path: Path) -> None:
     assert sum(e.origin == "feedback" for e in kept) == 4 - sum(
         assign_validation(e, config.validation_fraction, config.seed) for e in taught
     )
+
+
+def _taught(n: int, prefix: str) -> list[Example]:
+    from dataclasses import replace
+
+    config = DataConfig(sources=[SourceConfig(path="x.jsonl")])
+    taught = [replace(e, origin="feedback") for e in _examples(n, prefix)]
+    return [e for e in taught if not assign_validation(e, config.validation_fraction, config.seed)]
+
+
+def test_a_continuing_run_trains_on_what_is_new_and_a_bounded_replay(tmp_path: Path) -> None:
+    import json
+
+    config = DataConfig(sources=[SourceConfig(path="x.jsonl")], max_train_examples=40)
+    old, new = _taught(30, "old"), _taught(6, "new")
+    first = split(_examples(100) + old, [], config, tmp_path / "v1")
+    learned = frozenset(json.loads(Path(first.learned_path).read_text()))
+    assert learned == {e.key() for e in old} and first.corrections_new == len(old)
+
+    continuing = Continuing("1", learned, replay=5)
+    second = split(_examples(100) + old + new, [], config, tmp_path / "v2", continuing)
+    trained = load_examples(Path(second.train_path))
+    replayed = [e for e in trained if e.key() in learned]
+    assert {e for e in trained if e.origin == "feedback"} - set(replayed) == set(new)
+    assert len(replayed) == second.corrections_replayed == 5
+    assert (second.corrections_new, second.corrections_known) == (len(new), len(old))
+    assert len(trained) == 40  # the seed sample fills what the corrections leave
+    # the weights it produces learned the old ones (carried by the adapter) and the new
+    assert set(json.loads(Path(second.learned_path).read_text())) == learned | {
+        e.key() for e in new
+    }
+    # another champion replays another sample, so over retrains every old one comes back
+    third = split(
+        _examples(100) + old + new, [], config, tmp_path / "v3", Continuing("2", learned, 5)
+    )
+    assert {e for e in load_examples(Path(third.train_path)) if e.key() in learned} != set(replayed)
 
 
 def test_curated_data_is_state_under_the_home(home: Path, monkeypatch) -> None:

@@ -94,7 +94,10 @@ def render_model_card(facts: CardFacts) -> str:
         f"- ingested {counts.get('ingested', 0)}, quarantined {counts.get('quarantined', 0)}, "
         f"kept after cleaning {counts.get('kept', 0)}; train {counts.get('train', 0)}, "
         f"validation {counts.get('validation', 0)}, frozen test {counts.get('test', 0)}",
-        f"- curated feedback examples ingested: {lineage.get('from_feedback', '0')}",
+        f"- curated feedback examples ingested: {lineage.get('from_feedback', '0')}; trained "
+        f"on {counts.get('corrections_new', 0)} not learned before and "
+        f"{counts.get('corrections_replayed', 0)} replayed of the "
+        f"{counts.get('corrections_known', 0)} the weights it continues had learned",
         f"- live set `{lineage.get('live_set_hash', 'none')[:16]}`: "
         f"{lineage.get('live_set_size', '0')} items",
         f"- data license: {DATA_LICENSE}",

@@ -129,6 +129,24 @@ def training_prompts(run_id: str) -> list[str]:
     return [r["instruction"] for r in read_jsonl(path)]
 
 
+def learned_corrections(run_id: str, dest: Path) -> frozenset[str] | None:
+    """The corrections a training run's weights learned (the keys in its logged
+    `data/learned.json`), or None for a run that did not record them."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id,
+            artifact_path="data/learned.json",
+            dst_path=str(dest),
+            tracking_uri=configure_mlflow(),
+        )
+    except (MlflowException, OSError):
+        return None
+    return frozenset(json.loads(Path(path).read_text()))
+
+
 def download_version(model_name: str, version: str, dest: Path) -> tuple[str, str]:
     """Fetch a registered version's adapter; returns (base model folder, adapter folder)."""
     import mlflow

@@ -8,7 +8,9 @@ swaps, imperative forms) and surface forms (greetings, requests for brevity), ke
 the sentence-embedding model finds them at least `recipe.min_variant_similarity` similar to
 the original, so a rewrite never changes what is asked. The answer stays the correction, and
 every curated example with its variants is repeated `recipe.curated_repeats` times per epoch.
-The seed data is replayed alongside, so what worked before is not forgotten.
+The seed data is replayed alongside, so what worked before is not forgotten. A retrain that
+continues the champion trains on the corrections it has not learned and replays at most
+`recipe.replay` of those it has, once per epoch each (components/data/split.py).
 
 The next kept rewrites are never trained on: `recipe.held_out_variants` of them join the live
 set (does the candidate state the fact when asked in words it never saw?), and
@@ -130,10 +132,16 @@ class Augmented:
 
 
 def augment_curated(
-    examples: list[Example], config: RecipeConfig, embedder: Any, seed: int
+    examples: list[Example],
+    config: RecipeConfig,
+    embedder: Any,
+    seed: int,
+    replayed: frozenset[str] = frozenset(),
 ) -> Augmented:
     """Every curated example expanded by the recipe; the rewrites past `question_variants`
-    are set aside, and one that is also trained on (another example's wording) is dropped."""
+    are set aside, and one that is also trained on (another example's wording) is dropped.
+    A `replayed` one (by key: learned by the weights this run continues) is seen once per
+    epoch, a new one `curated_repeats` times."""
     out = Augmented(train=[])
     kept_out: list[tuple[str, Example]] = []
     trained = config.question_variants
@@ -145,7 +153,7 @@ def augment_curated(
         group = [example] + [
             replace(example, instruction=v, origin="variant") for v in variants[:trained]
         ]
-        out.train.extend(group * config.curated_repeats)
+        out.train.extend(group * (1 if example.key() in replayed else config.curated_repeats))
         for i, variant in enumerate(variants[trained:]):
             side = "held_out" if i < config.held_out_variants else "stop"
             kept_out.append((side, replace(example, instruction=variant, origin="variant")))
