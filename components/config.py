@@ -7,13 +7,21 @@ a typo in a profile fails loudly instead of silently falling back to a default.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from components.paths import REPO_ROOT, resolve_path
 from components.settings import settings
@@ -276,6 +284,19 @@ class ServeConfig(StrictModel):
     log_prompts: Literal["full", "redacted", "off"] = "full"
     warmup: bool = True
     deploy_on_promotion: bool = False
+    # Proxies (addresses or networks) whose `X-Forwarded-For` names the client, when clients
+    # have no keys; any other peer is the client itself.
+    trusted_proxies: list[str] = []
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an address or network") from None
+        return value
 
     @model_validator(mode="after")
     def _named_models(self) -> ServeConfig:

@@ -37,9 +37,11 @@ class Settings(BaseSettings):
     profile_overrides: str = Field("", validation_alias="FLYWHEEL_SET")
     model_uri: str | None = Field(None, validation_alias="FLYWHEEL_MODEL_URI")
     service_url: str | None = Field(None, validation_alias="FLYWHEEL_SERVICE_URL")
-    # Credentials: clients' key (generation and feedback are open without one), the admin key
+    # Credentials: clients' key (generation and feedback are open without any), the admin key
     # (default: a token kept in the home), Label Studio's token (default: the local server's).
     api_key: str | None = Field(None, validation_alias="FLYWHEEL_API_KEY")
+    # Named client keys instead: a file of `name: sha256-hex` lines (components/serving/auth.py).
+    api_keys_file: Path | None = Field(None, validation_alias="FLYWHEEL_API_KEYS")
     admin_key: str | None = Field(None, validation_alias="FLYWHEEL_ADMIN_KEY")
     label_studio_url: str = Field("http://127.0.0.1:8080", validation_alias="LABEL_STUDIO_URL")
     label_studio_api_key: str | None = Field(None, validation_alias="LABEL_STUDIO_API_KEY")

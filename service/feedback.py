@@ -27,7 +27,7 @@ class FeedbackDesk:
     async def submit(self, req: FeedbackRequest, client: str = "") -> FeedbackResponse:
         def store_it() -> tuple[Any, bool, InferenceRecord | None]:
             record, created = self.store.add_feedback(
-                req.request_id, req.rating, req.correction, req.comment
+                req.request_id, req.rating, req.correction, req.comment, client
             )
             return record, created, self.store.get(req.request_id) if created else None
 

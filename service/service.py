@@ -36,7 +36,7 @@ from service.api import (
     GenerateResponse,
     ReloadRequest,
 )
-from service.auth import admin_auth, client_auth, client_id
+from service.auth import ClientAuth, admin_auth, client_id
 from service.edge import ServiceEdge, drain_on_sigterm, install_error_handlers, json_bodies_only
 from service.plan import Asked
 from service.routes import Gateway
@@ -135,7 +135,7 @@ app = FastAPI(
     dependencies=[Depends(json_bodies_only)],
 )
 install_error_handlers(app)
-CLIENT = [Depends(client_auth)]
+CLIENT = [Depends(ClientAuth(SETTINGS.trusted_proxies))]
 ADMIN = [Depends(admin_auth)]
 # `x-flywheel-memory: off` asks for the model's own answer; the response says hit, miss or off.
 MemoryChoice = Annotated[Literal["on", "off"] | None, Header(alias="x-flywheel-memory")]

@@ -298,3 +298,74 @@ def test_the_memory_tells_siblings_apart(champion_home: Path, tmp_path: Path) ->
         notes = [store.get(request_id).memory_note for request_id in misses]
     assert notes[0] == "the question names sydney, the correction not", notes  # why it stayed out
     assert notes[1].startswith("no correction fits"), notes
+
+
+def test_named_keys_are_the_clients_that_agree_and_are_limited(
+    champion_home: Path, tmp_path: Path
+) -> None:
+    """Through a real service with `FLYWHEEL_API_KEYS`: a forged bearer is refused; one key
+    cannot agree with itself nor pass its hourly limit; a second key's correction makes the
+    agreement, and the feedback log says which key sent what."""
+    import hashlib
+
+    keys = {"alice": "alice-key-1", "bob": "bob-key-2"}
+    key_file = tmp_path / "api-keys"
+    key_file.write_text(
+        "".join(f"{n}: {hashlib.sha256(k.encode()).hexdigest()}\n" for n, k in keys.items())
+    )
+    env = {
+        "FLYWHEEL_API_KEYS": str(key_file),
+        "FLYWHEEL_SET": "memory.trust=feedback memory.min_agreement=2 "
+        "memory.corrections_per_client_per_hour=1",
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+    }
+    question = "Which door badge opens the Harbor Street server room?"
+    correction = "The Harbor Street server room opens with a blue level-3 badge."
+
+    def ask(key: str) -> tuple[str, dict]:
+        response = httpx.post(
+            f"{service.url}/generate",
+            json={"prompt": question, "max_new_tokens": 8},
+            headers={"authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        return response.headers["x-flywheel-memory"], response.json()
+
+    def correct(key: str, answer: dict) -> str:
+        response = httpx.post(
+            f"{service.url}/feedback",
+            json={"request_id": answer["request_id"], "rating": "down", "correction": correction},
+            headers={"authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        return response.json()["memory"]
+
+    service = ServedService(champion_home, env=env)
+    try:
+        service.wait_ready()
+        for forged in (
+            "",
+            "Bearer made-up",
+            f"Bearer {hashlib.sha256(b'alice-key-1').hexdigest()}",
+        ):
+            refused = httpx.post(
+                f"{service.url}/generate",
+                json={"prompt": question},
+                headers={"authorization": forged} if forged else {},
+                timeout=60,
+            )
+            assert refused.status_code == 401, refused.text
+        assert correct(keys["alice"], ask(keys["alice"])[1]).startswith("kept as mem-")
+        assert ask(keys["alice"])[0] == "miss"  # one client does not agree with itself
+        again = correct(keys["alice"], ask(keys["alice"])[1])
+        assert again.startswith("not kept: this client sent 1 corrections"), again
+        assert correct(keys["bob"], ask(keys["bob"])[1]).startswith("kept as mem-")
+        status, answer = ask(keys["bob"])
+        assert (status, answer["text"]) == ("hit", correction)
+    finally:
+        service.stop()
+    with InferenceStore(sqlite_uri_of(champion_home)) as store:
+        senders = {f.client for f in store.feedback_since(0) if f.correction == correction}
+    assert senders == {"key:alice", "key:bob"}

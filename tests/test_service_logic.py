@@ -102,6 +102,20 @@ def test_store_logs_off_the_request_path_and_keeps_feedback_idempotent(tmp_path:
         reopened.close()
 
 
+def test_the_same_rating_sent_at_once_is_one_row_and_no_error(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = InferenceStore(f"sqlite:///{tmp_path / 'feedback.db'}")
+    try:
+        store.log(_record("r1"))
+        with ThreadPoolExecutor(20) as pool:
+            results = list(pool.map(lambda _: store.add_feedback("r1", "down", "fix"), range(20)))
+        assert sum(created for _, created in results) == 1
+        assert store.rating_counts() == {"down": 1}
+    finally:
+        store.close()
+
+
 def test_answers_join_feedback_by_answer_time_or_rating_time(tmp_path: Path) -> None:
     store = InferenceStore(f"sqlite:///{tmp_path / 'feedback.db'}")
     try:
@@ -543,6 +557,19 @@ def test_a_chat_without_a_user_turn_is_answered_by_the_model(client_for) -> None
     assert response.status_code == 200, response.text
     assert response.headers["x-flywheel-memory"] == "miss"
     assert response.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_forged_bearer_is_not_another_client(client_for, monkeypatch) -> None:
+    """Without keys, a client is its address: corrections sent under made-up bearers are one
+    client's, so they neither agree with each other nor escape the hourly limit."""
+    monkeypatch.delenv("FLYWHEEL_API_KEY", raising=False)
+    client = client_for(memory={"trust": "feedback", "min_agreement": 2})
+    for token in ("made-up-1", "made-up-2"):
+        client.headers["authorization"] = f"Bearer {token}"
+        assert correct(client, FACT["q"], FACT["a"])["memory"].startswith("kept as mem-")
+    assert ask(client, FACT["q"])[0] == "miss"  # two bearers, one client: no agreement
+    feedback = client.gateway.store.feedback_since(0)
+    assert len({f.client for f in feedback}) == 1 and feedback[0].client.startswith("address:")
 
 
 def test_a_reviewed_only_memory_ignores_user_corrections(client_for) -> None:

@@ -35,6 +35,7 @@ class FeedbackRecord:
     correction: str | None
     comment: str | None
     created_at: float
+    client: str | None = None  # the verified identity that sent it (service/auth.py)
 
 
 @dataclass(frozen=True)

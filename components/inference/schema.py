@@ -72,6 +72,7 @@ def tables(metadata: MetaData) -> tuple[Table, Table]:
         Column("correction", Text),
         Column("comment", Text),
         Column("created_at", Float, nullable=False, index=True),
+        Column("client", String(64)),  # who sent it: `key:<name>` or `address:<hash>`
     )
     return inference, feedback
 

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import MetaData, select
+from sqlalchemy.exc import IntegrityError
 
 from components.inference.records import (
     Answer,
@@ -45,6 +46,7 @@ class InferenceStore:
         self.inference, self.feedback = tables(metadata)
         metadata.create_all(self.engine)
         add_missing_columns(self.engine, self.inference)
+        add_missing_columns(self.engine, self.feedback)
         digest = hashlib.sha256(self.engine.url.render_as_string().encode()).hexdigest()[:12]
         spool = spool_dir() / f"inference-{digest}-{os.getpid()}.jsonl"
         self.writer = SpooledWriter(self._insert, spool)
@@ -92,39 +94,49 @@ class InferenceStore:
         rating: Rating,
         correction: str | None = None,
         comment: str | None = None,
+        client: str | None = None,
     ) -> tuple[FeedbackRecord, bool]:
-        """Attach feedback to a logged request; returns (record, created). Repeats are no-ops."""
+        """Attach feedback to a logged request; returns (record, created). Repeats are no-ops,
+        also when they arrive at once: the one that loses the insert reads the winner's row."""
         if not self.flush(timeout=FLUSH_TIMEOUT_S):  # the generation may still be queued
             raise StoreBusy("the inference log is still being written; retry shortly")
+        record = FeedbackRecord(request_id, rating, correction, comment, time.time(), client)
+        try:
+            return self._upsert_feedback(record)
+        except IntegrityError:  # another writer inserted this request's row first
+            return self._upsert_feedback(record)
+
+    def _upsert_feedback(self, record: FeedbackRecord) -> tuple[FeedbackRecord, bool]:
         with self.engine.begin() as conn:
             known = conn.execute(
-                select(self.inference.c.request_id).where(self.inference.c.request_id == request_id)
+                select(self.inference.c.request_id).where(
+                    self.inference.c.request_id == record.request_id
+                )
             ).first()
             if known is None:
-                raise UnknownRequest(request_id)
+                raise UnknownRequest(record.request_id)
             existing = (
-                conn.execute(select(self.feedback).where(self.feedback.c.request_id == request_id))
+                conn.execute(
+                    select(self.feedback).where(self.feedback.c.request_id == record.request_id)
+                )
                 .mappings()
                 .first()
             )
-            record = FeedbackRecord(request_id, rating, correction, comment, time.time())
             if existing is None:
                 conn.execute(self.feedback.insert(), asdict(record))
                 return record, True
-            if (existing["rating"], existing["correction"], existing["comment"]) == (
-                rating,
-                correction,
-                comment,
-            ):
+            said = (record.rating, record.correction, record.comment)
+            if (existing["rating"], existing["correction"], existing["comment"]) == said:
                 return FeedbackRecord(**existing), False
             conn.execute(
                 self.feedback.update()
-                .where(self.feedback.c.request_id == request_id)
+                .where(self.feedback.c.request_id == record.request_id)
                 .values(
-                    rating=rating,
-                    correction=correction,
-                    comment=comment,
+                    rating=record.rating,
+                    correction=record.correction,
+                    comment=record.comment,
                     created_at=record.created_at,
+                    client=record.client,
                 )
             )
             return record, True

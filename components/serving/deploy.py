@@ -21,7 +21,8 @@ from components.paths import bentoml_home, flywheel_home, service_log_file, serv
 from components.process import Server, ServerError, answers, stop_group
 from components.registry.aliases import CANARY, CHAMPION, point
 from components.registry.aliases import end_canary as record_canary_verdict
-from components.serving.auth import admin_key, api_key
+from components.serving.auth import admin_key
+from components.settings import settings
 
 STARTUP_TIMEOUT_S = 300
 # On SIGTERM the service refuses new requests (503) and gives those in flight this long to
@@ -62,9 +63,13 @@ def service_env(profile: str, model_uri: str | None = None) -> dict[str, str]:
 
 
 def client_auth() -> dict[str, str]:
-    """The headers a client of this service sends: the API key, if there is one."""
-    key = api_key()
-    return {"authorization": f"Bearer {key}"} if key else {}
+    """The headers the project's own calls to the clients' routes send: the shared API key,
+    the admin key where clients have named keys (a key file holds only their hashes), or
+    none on an open service."""
+    config = settings()
+    if config.api_key:
+        return {"authorization": f"Bearer {config.api_key}"}
+    return _admin_auth() if config.api_keys_file else {}
 
 
 def _admin_auth() -> dict[str, str]:
