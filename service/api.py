@@ -119,22 +119,40 @@ class ReloadRequest(Body):
     model: str = Field(default="champion", pattern=MODEL_NAME)
 
 
+class TextPart(Body):
+    """One part of a message's content; text is the only kind this server reads."""
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(Body):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """One message. `developer` is OpenAI's newer name for `system`; content may be a list of
+    text parts (joined with newlines); `name` tells participants of one role apart and is
+    given to the model before the content (`name: content`)."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[\w.@-]+$")
+
+    def turn(self) -> dict[str, str]:
+        """The message as the chat template takes it."""
+        text = (
+            self.content
+            if isinstance(self.content, str)
+            else "\n".join(p.text for p in self.content)
+        )
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": f"{self.name}: {text}" if self.name else text}
 
 
 class StreamOptions(Body):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
     include_usage: bool = False  # a last chunk, before [DONE], with the token counts
 
 
 class OpenAIBody(SamplingFields):
-    # Ignore the OpenAI parameters we do not implement (penalties, logit_bias, ...), as
-    # OpenAI-compatible servers commonly do, rather than failing every such client.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
+    # A parameter this server does not implement (penalties, logit_bias, tools, ...) is
+    # refused with a 400 `unsupported_parameter` naming it, never silently ignored.
     model: ModelChoice = None
     user: UserId = None
     stream: bool = False

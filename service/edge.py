@@ -7,8 +7,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import signal
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import anyio
@@ -58,7 +59,8 @@ class ServiceEdge:
     Every response carries `x-model-version` and `x-trace-id`; 429 and 503 carry
     `Retry-After`; an error answer that is not JSON (a 404 or 405 from the router, for one) is
     rewritten as an OpenAI error; past `max_concurrency` requests in flight a request gets 429
-    at once; while draining, new requests get 503. Health and metrics routes are never refused.
+    at once; while draining, new requests get 503 and `/readyz` says 503 (draining), while
+    health and metrics routes still answer. `/health` is `/healthz`.
 
     The limit is counted here rather than with BentoML's `traffic.max_concurrency`: BentoML's
     middleware sits outside the service's own, so its 429 would reach clients without
@@ -66,7 +68,8 @@ class ServiceEdge:
     BentoML's `traffic.timeout` is used as it is.
     """
 
-    OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
+    OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/health"})
+    ALIASES: ClassVar[dict[str, str]] = {"/health": "/healthz"}  # as other such servers name it
 
     def __init__(self, app: Any, max_concurrency: int) -> None:
         self.app = app
@@ -76,7 +79,15 @@ class ServiceEdge:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope.get("path") in self.OPEN_PATHS:
+        path = scope.get("path")
+        if path in self.OPEN_PATHS:
+            if path == "/readyz" and Draining.active:  # not ready from the drain's start
+                body = error_body(503, "the service is shutting down", code="draining")
+                await _send_json(send, 503, body, [])
+                return
+            if path in self.ALIASES:
+                path = self.ALIASES[path]
+                scope = {**scope, "path": path, "raw_path": path.encode()}
             await self._call(scope, receive, send)
             return
         if Draining.active:
@@ -137,13 +148,18 @@ async def _send_json(
     await send({"type": "http.response.body", "body": data})
 
 
+# How pydantic tags the member of a union it tried (`str`, `list[TextPart]`): not a field.
+UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|\w+\[.*\]|[A-Z]\w*)$")
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    parts = [str(p) for p in loc if p != "body" and not UNION_MEMBER.match(str(p))]
     return ".".join(parts) or None
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
-    first = exc.errors()[0]
+    # The deepest error names the field best (in a union, the member that got furthest).
+    first = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
     kind, loc = first["type"], tuple(first.get("loc", ()))
     if kind == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", "invalid JSON")
@@ -153,6 +169,13 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
             return ApiError(400, "a JSON object is required as the request body")
         return ApiError(400, "the request body must be a JSON object")
     param = _param(loc)
+    if kind == "extra_forbidden":
+        return ApiError(
+            400,
+            f"{param}: this server does not support this parameter",
+            param=param,
+            code="unsupported_parameter",
+        )
     return ApiError(422, f"{param}: {first['msg']}", param=param)
 
 

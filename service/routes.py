@@ -223,7 +223,7 @@ class Gateway:
     async def chat_completions(
         self, req: ChatCompletionRequest, asked: Asked = ASK_ALL
     ) -> JSONResponse | StreamingResponse:
-        messages = [m.model_dump() for m in req.messages]
+        messages = [m.turn() for m in req.messages]
         users = [m["content"] for m in messages if m["role"] == "user"]
         prompt = "\n".join(m["content"] for m in messages)
         asking = self._asking(

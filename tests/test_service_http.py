@@ -164,7 +164,7 @@ BAD_REQUESTS = [
     ("/generate", b'{"prompt": "hi", "max_new_tokens": 100000}', 422, "max_new_tokens"),
     ("/generate", b'{"prompt": "hi", "temperature": 9}', 422, "temperature"),
     ("/generate", b'{"prompt": "hi", "top_p": 0}', 422, "top_p"),
-    ("/generate", b'{"prompt": "hi", "colour": "red"}', 422, "colour"),
+    ("/generate", b'{"prompt": "hi", "colour": "red"}', 400, "colour"),
     ("/generate", json.dumps({"prompt": LONG}).encode(), 400, "prompt"),
     ("/generate", json.dumps({"prompt": "x" * 20000}).encode(), 413, "prompt"),
     ("/v1/chat/completions", b'{"messages": []}', 422, "messages"),
@@ -234,6 +234,12 @@ BAD_REQUESTS = [
     # Deeply nested JSON, in a known field and in an ignored one.
     ("/generate", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
     ("/v1/completions", b'{"prompt": "x", "user": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
+        422,
+        "messages.0.content.0.type",
+    ),
 ]
 
 
@@ -252,6 +258,87 @@ def test_bad_input_gets_a_4xx_naming_the_field(served, path, body, status, param
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["message"]
+
+
+def _openai_fields(kind: str) -> list[str]:
+    """Every field of a request as the `openai` package types it."""
+    from openai.types import completion_create_params as completions
+    from openai.types.chat import completion_create_params as chat
+
+    params = chat if kind == "chat" else completions
+    return sorted({*params.CompletionCreateParamsBase.__annotations__, "stream"})
+
+
+# What the service honours, with a value each; every other field of OpenAI's schema is refused.
+HONOURED = {
+    "chat": {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_completion_tokens": 2,
+        "max_tokens": 2,
+        "n": 1,
+        "stop": ["\n\n"],
+        "stream": False,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "user": "u-1",
+    },
+    "completion": {
+        "prompt": "hi",
+        "echo": False,
+        "max_tokens": 2,
+        "n": 1,
+        "stop": ["\n\n"],
+        "stream": False,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "user": "u-1",
+    },
+}
+PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "field"),
+    [(kind, field) for kind in ("chat", "completion") for field in _openai_fields(kind)],
+)
+def test_every_openai_field_is_honoured_or_refused_by_name(served, kind, field) -> None:
+    model = httpx.get(f"{served.url}/v1/models").json()["data"][0]["id"]
+    base = {k: v for k, v in HONOURED[kind].items() if k in ("messages", "prompt")}
+    if field == "model":
+        body = {**base, "model": model}
+    elif field in HONOURED[kind]:
+        body = {**base, field: HONOURED[kind][field]}
+    else:
+        body = {**base, field: 1}
+    response = httpx.post(f"{served.url}{PATHS[kind]}", json=body, timeout=60)
+    if field == "model" or field in HONOURED[kind]:
+        assert response.status_code == 200, response.text
+    else:
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == (field, "unsupported_parameter")
+
+
+def test_content_parts_developer_and_name_reach_the_model(served, champion_home) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{served.url}/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model=httpx.get(f"{served.url}/v1/models").json()["data"][0]["id"],
+        messages=[
+            {"role": "developer", "content": "Answer briefly."},
+            {"role": "user", "name": "dana", "content": [{"type": "text", "text": "Hi there"}]},
+        ],
+        max_tokens=2,
+    )
+    assert reply.choices[0].message.role == "assistant"
+    from components.inference.store import InferenceStore
+
+    with InferenceStore() as store:
+        logged = store.get(reply.id)
+    assert logged is not None and logged.prompt == "Answer briefly.\ndana: Hi there"
 
 
 def test_service_survives_bad_input_without_server_errors(served) -> None:

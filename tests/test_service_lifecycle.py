@@ -109,16 +109,34 @@ def test_sigterm_under_load_drains_within_the_bound_and_logs_every_answer(
                 break
         return results
 
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+    assert httpx.get(f"{service.url}/health").status_code == 200  # as other servers name it
+    readiness: list[int] = []
+    prober = httpx.Client(timeout=30)  # a load balancer's connection, open before the SIGTERM
+    assert prober.get(f"{url}/readyz").status_code == 200
+
+    def probe_readiness() -> None:  # what it sees from the SIGTERM on
+        while service.process.poll() is None:
+            try:
+                readiness.append(prober.get(f"{url}/readyz").status_code)
+            except httpx.HTTPError:
+                readiness.append(-1)  # refused at the socket: not ready either
+                break
+            time.sleep(0.05)
+
+    with concurrent.futures.ThreadPoolExecutor(13) as pool:
         futures = [pool.submit(client, i) for i in range(12)]
         time.sleep(max(0.0, stop_at - time.monotonic()))
         os.killpg(service.process.pid, signal.SIGTERM)
         signalled = time.monotonic()
+        probed = pool.submit(probe_readiness)
         service.process.wait(timeout=SHUTDOWN_TIMEOUT_S + 30)
         exited_after = time.monotonic() - signalled
         results = [r for f in futures for r in f.result()]
+        probed.result()
 
     assert exited_after < SHUTDOWN_TIMEOUT_S, exited_after
+    # Not ready from the SIGTERM on: 503 (service/edge.py), or no longer reachable at all.
+    assert readiness and 200 not in readiness, readiness
     assert service.process.returncode == 0
     # Answered, refused while draining, or refused at the socket; nothing else.
     unexpected = [r for r in results if r[1] not in (200, 503, -1)]

@@ -759,3 +759,21 @@ def test_the_router_sends_off_topic_questions_the_scope_reply(client_for) -> Non
     assert route.route == "scope" and route.route_similarity < routing.min_similarity
     kept = logged[on_topic.json()["request_id"]]
     assert kept.route == "champion" and kept.route_similarity >= routing.min_similarity
+
+
+def test_readiness_is_503_from_the_moment_a_drain_begins(monkeypatch) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from service.edge import Draining, ServiceEdge
+
+    inner = FastAPI()
+    inner.get("/readyz")(lambda: {"ready": True})
+    inner.get("/healthz")(lambda: {"alive": True})
+    client = TestClient(ServiceEdge(inner, max_concurrency=4))
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/health").json() == {"alive": True}  # the other servers' name
+    monkeypatch.setattr(Draining, "active", True)
+    draining = client.get("/readyz")
+    assert draining.status_code == 503 and draining.json()["error"]["code"] == "draining"
+    assert client.get("/healthz").status_code == 200  # alive while it drains
