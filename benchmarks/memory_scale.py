@@ -16,7 +16,14 @@ send `a` with `POST /feedback`), then asks every question again:
 
 A key counts when it occurs case-insensitively as a whole word.
 
-    .venv/bin/python -m benchmarks.memory_scale --facts-dir DIR --sizes 24,96,240
+With `--retrain N`, after the memory's figures at size N the corrections it was taught are
+curated as the monitor curates them (from that service's feedback log) into a fresh home and
+the profile's training pipeline runs once; the trained version's weights alone (greedy, no
+memory) are then asked the same questions: right and wrong-fact answers on `q`, on `p` (and on
+the rephrasings it never trained on: the live set's trainable ones are curated too), near
+misses and unrelated prompts answered with a fact's value, and the pipeline's wall time.
+
+    .venv/bin/python -m benchmarks.memory_scale --facts-dir DIR --sizes 24,96,240 --retrain 24
 
 Figures are printed as a table and written as JSON under `$FLYWHEEL_HOME/benchmarks/`.
 """
@@ -34,7 +41,9 @@ from statistics import quantiles
 
 import httpx
 
+from benchmarks.homes import use_fresh_home
 from benchmarks.memory_recall import memory_service
+from components.config import OVERRIDES_ENV, load_profile
 from components.paths import benchmarks_dir
 from components.records import read_jsonl
 
@@ -146,6 +155,66 @@ def measure(url: str, facts: list[dict], untaught: list[dict], general: list[dic
     }
 
 
+def weights_alone(
+    profile: str, feedback_db: Path, facts: list[dict], untaught: list[dict], general: list[dict]
+) -> dict:
+    """One retrain on the corrections in `feedback_db`, in a fresh home; what its weights
+    alone answer."""
+    home = use_fresh_home(
+        "memory-scale-retrain",
+        **{
+            OVERRIDES_ENV: "memory.trust=feedback",
+            "FLYWHEEL_FEEDBACK_DB": f"sqlite:///{feedback_db}",
+        },
+    )
+    # Imported once the fresh home is set: Prefect reads its settings when it is imported.
+    from components.data.curated import curate, user_corrections
+    from components.data.ingest import curated_versions
+    from components.model.generation import generate_chat, load_for_inference
+    from components.paths import curated_dir
+    from components.registry.register import download_version
+    from flows.training_pipeline import training_pipeline
+
+    config = load_profile(profile)
+    curated = curate(config, user_corrections(config, 0.0))
+    started = time.perf_counter()
+    summary = training_pipeline(profile=profile)
+    seconds = round(time.perf_counter() - started)
+    folder = curated_dir(config.data.feedback_dir)
+    trained = {r["instruction"] for p in curated_versions(folder) for r in read_jsonl(p)}
+    base_path, adapter = download_version(summary["model_name"], summary["version"], home / "dl")
+    model, tokenizer = load_for_inference(base_path, adapter)
+
+    def answers(prompts: list[str]) -> list[str]:
+        asked = [[{"role": "user", "content": p}] for p in prompts]
+        return [g.text for g in generate_chat(model, tokenizer, asked, MODEL_TOKENS)]
+
+    keys = [f["key"] for f in facts]
+    verdicts = {}
+    for field in ("q", "p"):
+        said = answers([f[field] for f in facts])
+        verdicts[field] = [judge(a, f["key"], keys) for f, a in zip(facts, said, strict=True)]
+    unseen = [v for f, v in zip(facts, verdicts["p"], strict=True) if f["p"] not in trained]
+    near = [judge(a, None, keys) for a in answers([u["q"] for u in untaught])]
+    unrelated = [judge(a, None, keys) for a in answers([g["q"] for g in general])]
+    return {
+        "curated": curated.written,
+        "version": summary["version"],
+        "promoted": summary["promoted"],
+        "gate": summary["reason"],
+        "pipeline_seconds": seconds,
+        "same_question": {
+            "right": verdicts["q"].count("right"),
+            "wrong": verdicts["q"].count("wrong"),
+        },
+        "rephrased": {"right": verdicts["p"].count("right"), "wrong": verdicts["p"].count("wrong")},
+        "rephrased_never_trained": {"asked": len(unseen), "right": unseen.count("right")},
+        "near_misses": {"asked": len(near), "wrong": near.count("wrong")},
+        "unrelated": {"asked": len(unrelated), "wrong": unrelated.count("wrong")},
+        "frozen_rouge_l": {m: s["rouge_l"] for m, s in summary["scores"].items()},
+    }
+
+
 def table(results: list[dict]) -> str:
     """The figures as a Markdown table, one column per size."""
 
@@ -205,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model-uri", help="the model that answers what the memory does not (default: champion)"
     )
+    parser.add_argument(
+        "--retrain", type=int, metavar="N", help="after size N, one retrain on its corrections"
+    )
     args = parser.parse_args(argv)
 
     facts = read_jsonl(args.facts_dir / "facts.jsonl")
@@ -224,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         figures["seconds"] = round(time.perf_counter() - started)
         results.append(figures)
         print(f"N={figures['facts']}: {figures['seconds']} s", flush=True)
+        if size == args.retrain:
+            retrained = weights_alone(
+                args.profile, run / str(size) / "feedback.db", chosen, near, general
+            )
+            figures["weights_alone"] = retrained
+            print(f"retrain at N={figures['facts']}: {json.dumps(retrained)}", flush=True)
     print(table(results))
     run.mkdir(parents=True, exist_ok=True)
     out = run / "memory_scale.json"
