@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -167,6 +168,7 @@ def weights_alone(
             "FLYWHEEL_FEEDBACK_DB": f"sqlite:///{feedback_db}",
         },
     )
+    os.environ["PREFECT_HOME"] = str(home / "prefect")  # a Prefect server of its own
     # Imported once the fresh home is set: Prefect reads its settings when it is imported.
     from components.data.curated import curate, user_corrections
     from components.data.ingest import curated_versions
