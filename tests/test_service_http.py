@@ -270,31 +270,23 @@ def _openai_fields(kind: str) -> list[str]:
 
 
 # What the service honours, with a value each; every other field of OpenAI's schema is refused.
+_BOTH = {
+    "max_tokens": 2,
+    "n": 1,
+    "stop": ["\n\n"],
+    "stream": False,
+    "stream_options": {"include_usage": True},
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "user": "u-1",
+}
 HONOURED = {
     "chat": {
         "messages": [{"role": "user", "content": "hi"}],
         "max_completion_tokens": 2,
-        "max_tokens": 2,
-        "n": 1,
-        "stop": ["\n\n"],
-        "stream": False,
-        "stream_options": {"include_usage": True},
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "user": "u-1",
+        **_BOTH,
     },
-    "completion": {
-        "prompt": "hi",
-        "echo": False,
-        "max_tokens": 2,
-        "n": 1,
-        "stop": ["\n\n"],
-        "stream": False,
-        "stream_options": {"include_usage": True},
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "user": "u-1",
-    },
+    "completion": {"prompt": "hi", "echo": False, **_BOTH},
 }
 PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
