@@ -170,6 +170,10 @@ class EvalConfig(StrictModel):
     live_metric: Literal["rouge_l", "bleu", "exact_match"] = "rouge_l"
     live_min_size: int = Field(default=8, gt=0)
     non_inferiority_margin: float = Field(default=0.02, ge=0)
+    # The anchor: a candidate must also be not worse than this version beyond the margin, so
+    # the margin is a total budget, not a step each retrain may take. None: the first
+    # champion (the registry's `anchor` alias, set with it).
+    anchor_version: int | None = Field(default=None, gt=0)
     live_holdout_fraction: float = Field(default=0.5, gt=0, lt=1)
 
 

@@ -13,19 +13,34 @@ from components.config import PipelineConfig
 from components.evaluate.evaluation import EvalResult, ModelSpec, evaluate_models
 from components.model.base_model import BaseModelRef
 from components.records import load_examples, read_jsonl
-from components.registry.aliases import current_champion
+from components.registry.aliases import ANCHOR, current_champion, version_at
 from components.registry.register import download_version
 from components.registry.tracking import RunLogger
 from flows.reports import publish_eval_report
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A registered version the candidate is held against."""
+
+    version: str
+    spec: ModelSpec
+
+
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
-def fetch_champion(model_name: str, dest: Path) -> ModelSpec | None:
-    champion = current_champion(model_name)
-    if champion is None:
+def fetch_version(model_name: str, version: str | None, dest: Path) -> Reference | None:
+    if version is None:
         return None
-    base_path, adapter_dir = download_version(model_name, champion.version, dest)
-    return ModelSpec(base_path, adapter_dir)
+    base_path, adapter_dir = download_version(model_name, version, dest / version)
+    return Reference(version, ModelSpec(base_path, adapter_dir))
+
+
+def anchor_version(config: PipelineConfig) -> str | None:
+    """The version no champion may fall below: the profile's pin, else the first champion."""
+    if config.eval.anchor_version is not None:
+        return str(config.eval.anchor_version)
+    anchor = version_at(config.registry.model_name, ANCHOR)
+    return str(anchor.version) if anchor is not None else None
 
 
 @dataclass
@@ -36,9 +51,14 @@ class Evaluation:
 
 @task
 def score_models(
-    models: dict[str, ModelSpec], test_path: str, config: PipelineConfig, out_dir: Path
+    models: dict[str, ModelSpec],
+    test_path: str,
+    config: PipelineConfig,
+    out_dir: Path,
+    anchor: str | None,
 ) -> EvalResult:
-    return evaluate_models(models, load_examples(Path(test_path)), config.eval, out_dir)
+    examples = load_examples(Path(test_path))
+    return evaluate_models(models, examples, config.eval, out_dir, anchor=anchor)
 
 
 @task
@@ -62,17 +82,24 @@ def evaluate_stage(
     run_id: str,
     live_path: str | None = None,
 ) -> Evaluation:
-    """Score base, candidate and (if any) champion on the frozen split, candidate and champion
-    on the live set; log metrics, plots and sample tables."""
+    """Score base, candidate and (if any) champion and anchor on the frozen split, candidate
+    and champion on the live set; log metrics, plots and sample tables."""
     models = {"base": ModelSpec(base.path), "candidate": ModelSpec(base.path, adapter_dir)}
     live = None
+    name = config.registry.model_name
     with tempfile.TemporaryDirectory() as tmp:
-        champion = fetch_champion(config.registry.model_name, Path(tmp))
+        current = current_champion(name)
+        champion = fetch_version(name, str(current.version) if current else None, Path(tmp))
+        anchor, anchor_name = anchor_version(config), None
         if champion is not None:
-            models["champion"] = champion
-        result = score_models(models, test_path, config, Path(out_dir))
+            models["champion"] = champion.spec
+            anchor_name = "champion" if anchor == champion.version else None
+        anchored = fetch_version(name, anchor, Path(tmp)) if anchor_name is None else None
+        if anchored is not None:
+            models["anchor"], anchor_name = anchored.spec, "anchor"
+        result = score_models(models, test_path, config, Path(out_dir), anchor_name)
         if champion is not None and live_path:
-            pair = {"candidate": models["candidate"], "champion": champion}
+            pair = {"candidate": models["candidate"], "champion": champion.spec}
             live = score_live(pair, live_path, config, Path(out_dir) / "live")
 
     run = RunLogger(run_id)

@@ -32,7 +32,15 @@ def register_version(
     promote_to: str,
 ) -> RegisterResult:
     return register_candidate(
-        run_id, model_name, adapter_dir, base, tags, evaluation.comparison, live, promote_to
+        run_id,
+        model_name,
+        adapter_dir,
+        base,
+        tags,
+        evaluation.comparison,
+        live,
+        promote_to,
+        evaluation.anchor,
     )
 
 

@@ -86,7 +86,7 @@ def test_training_pipeline_tiny_twice(home, prefect_server, monkeypatch) -> None
     name = "flywheel-llm-tiny"
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     version = client.get_model_version(name, "1")
-    assert set(version.aliases) == {"champion", "challenger"}
+    assert set(version.aliases) == {"champion", "challenger", "anchor"}  # the first champion
     for tag in (
         "base_model",
         "base_model_sha256",
@@ -311,6 +311,10 @@ def test_retrains_are_judged_on_the_live_set_and_never_train_on_held_out_items(
         run_tags = mlflow_client().get_run(result["mlflow_run_id"]).data.tags
         assert run_tags["finetune.started_from"] == f"champion v{champion.version}"
         assert int(tags["gate.live_size"]) >= 8 and "gate.live.low" in tags
+        # Held against the first champion too (evaluated apart once it is not the champion).
+        assert "gate.anchor.low" in tags and "anchor" in tags["gate.reason"]
+        anchor = mlflow_client().get_model_version_by_alias("flywheel-llm-tiny", "anchor")
+        assert str(anchor.version) == "1"
         assert int(tags["live_set_size"]) == int(tags["gate.live_size"])
 
         folder = home / "train-data" / version

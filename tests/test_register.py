@@ -89,6 +89,46 @@ def test_a_first_model_or_a_small_live_set_falls_back_to_the_frozen_rule() -> No
     assert decide_promotion(FROZEN_SAME).rule == "frozen"
 
 
+def test_five_promotions_in_a_row_cannot_end_more_than_the_margin_below_the_anchor() -> None:
+    """Each candidate is 0.015 worse than its champion on the frozen split, inside the margin
+    of 0.02 at every step: against the champion alone each is promoted and the fifth ends 0.075
+    below the first; held against the anchor too, the drift stops within the margin."""
+
+    def versus(candidate: float, reference: float, name: str) -> Comparison:
+        d = candidate - reference
+        return replace(
+            BETTER,
+            reference=name,
+            candidate_value=candidate,
+            reference_value=reference,
+            difference=d,
+            low=d - 0.004,
+            high=d + 0.004,
+        )
+
+    def run(anchored: bool) -> list[float]:
+        anchor_score = champion_score = 0.30
+        champions = [champion_score]
+        for _ in range(5):
+            candidate = champion_score - 0.015
+            anchor = versus(candidate, anchor_score, "anchor") if anchored else None
+            frozen = versus(candidate, champion_score, "champion")
+            gate = decide_promotion(frozen, live(LIVE_BETTER), anchor)
+            if gate.promote:
+                champion_score = candidate
+                champions.append(champion_score)
+        return champions
+
+    drifting = run(anchored=False)
+    assert len(drifting) == 6 and drifting[-1] == pytest.approx(0.225)  # five steps down
+    held = run(anchored=True)
+    assert held[-1] >= 0.30 - 0.02 and len(held) == 2  # one step, then the anchor says no
+    refused = decide_promotion(
+        FROZEN_SAME, live(LIVE_BETTER), replace(FROZEN_WORSE, reference="anchor")
+    )
+    assert not refused.promote and "anchor" in refused.reason
+
+
 def test_register_promote_then_refuse_a_worse_model(home, adapter_dir, tiny_base) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient

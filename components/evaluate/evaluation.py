@@ -65,6 +65,7 @@ class EvalResult:
     samples_path: str
     plot_path: str
     generations: dict[str, list[str]] = field(default_factory=dict)
+    anchor: Comparison | None = None  # the candidate against the anchor version, if any
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -219,8 +220,11 @@ def evaluate_models(
     config: EvalConfig,
     out_dir: Path,
     candidate: str = "candidate",
+    anchor: str | None = None,
 ) -> EvalResult:
-    """Score every model on `examples`; compare the candidate with the champion, else the base."""
+    """Score every model on `examples`; compare the candidate with the champion, else the base,
+    and with `anchor` (the name in `models` of the anchor version, the champion's when it is
+    the anchor) when given."""
     if config.max_examples is not None:
         examples = examples[: config.max_examples]
     if not examples:
@@ -245,6 +249,17 @@ def evaluate_models(
         indices,
         config.confidence,
     )
+
+    anchored = None
+    if anchor is not None:
+        anchored = compare(
+            per_model[candidate],
+            per_model[anchor],
+            "anchor",
+            config.gate_metric,
+            indices,
+            config.confidence,
+        )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = [
@@ -273,4 +288,5 @@ def evaluate_models(
         samples_path=str(samples_path),
         plot_path=str(plot),
         generations=generations,
+        anchor=anchored,
     )

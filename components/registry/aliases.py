@@ -14,6 +14,7 @@ from components.registry.tracking import mlflow_client
 CHAMPION = "champion"  # the version to serve
 CHALLENGER = "challenger"  # the last candidate, promoted or not
 CANARY = "canary"  # promoted by the offline gate, serving a share of traffic (serve.canary)
+ANCHOR = "anchor"  # the first champion: the score no later champion may fall below (the gate)
 
 
 def version_at(model_name: str, alias: str) -> Any | None:
@@ -32,8 +33,11 @@ def current_champion(model_name: str) -> Any | None:
 
 
 def point(model_name: str, alias: str, version: str) -> None:
-    """Point `alias` at `version` (a new candidate, a promotion, a restored champion)."""
+    """Point `alias` at `version` (a new candidate, a promotion, a restored champion); the
+    first champion also becomes the `anchor`."""
     mlflow_client().set_registered_model_alias(model_name, alias, version)
+    if alias == CHAMPION and version_at(model_name, ANCHOR) is None:
+        mlflow_client().set_registered_model_alias(model_name, ANCHOR, version)
 
 
 def start_canary(model_name: str, version: str) -> None:

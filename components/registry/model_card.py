@@ -66,6 +66,19 @@ def _sources(config: PipelineConfig) -> list[str]:
     return lines
 
 
+def _anchor_line(anchor: Any, margin: float) -> list[str]:
+    """How far the candidate is from the anchor (a Comparison, or None), the score no
+    champion may fall below."""
+    if anchor is None:
+        return []
+    return [
+        f"Distance to the anchor (the first champion, or the profile's `eval.anchor_version`) "
+        f"on the frozen split: {anchor.metric} {anchor.difference:+.4f} "
+        f"[{anchor.low:+.4f}, {anchor.high:+.4f}]; the budget is the margin, {margin:g}, in all.",
+        "",
+    ]
+
+
 def render_model_card(facts: CardFacts) -> str:
     """The card as Markdown."""
     c, lineage = facts.config, facts.lineage
@@ -135,6 +148,7 @@ def render_model_card(facts: CardFacts) -> str:
         "",
         f"**{verdict}**. The gate: {facts.gate.reason} (rule `{facts.gate.rule}`)",
         "",
+        *_anchor_line(facts.frozen.anchor, c.eval.non_inferiority_margin),
         "## Known limits",
         "",
         f"- judged on {facts.frozen.n_examples} frozen prompts"

@@ -70,13 +70,17 @@ def not_worse(c: Comparison, margin: float) -> bool:
     return c.low > -margin if HIGHER_IS_BETTER[c.metric] else c.high < margin
 
 
-def decide_promotion(frozen: Comparison, live: LiveEvidence | None = None) -> GateDecision:
+def decide_promotion(
+    frozen: Comparison, live: LiveEvidence | None = None, anchor: Comparison | None = None
+) -> GateDecision:
     """The promotion gate.
 
     Two-sided, once there is a champion and a live set of at least `min_size` items: promote
     when the candidate is better on the live set (the interval of the difference lies above 0)
-    and not worse on the frozen split beyond the margin. Otherwise the frozen split alone
-    decides: promote only if the candidate beats the reference beyond the interval.
+    and not worse on the frozen split beyond the margin, against the champion and against the
+    `anchor` (the first champion, or the profile's pin), so that promotions in a row cannot
+    add up to more than the margin. Otherwise the frozen split alone decides: promote only if
+    the candidate beats the reference beyond the interval.
     """
     if live is None or frozen.reference != "champion" or live.size < live.min_size:
         why = (
@@ -101,6 +105,12 @@ def decide_promotion(frozen: Comparison, live: LiveEvidence | None = None) -> Ga
     frozen_part = f"frozen split {_summary(frozen)}: " + (
         f"not worse beyond the margin {live.margin:g}" if safe else f"worse beyond {live.margin:g}"
     )
+    if anchor is not None:
+        anchored = not_worse(anchor, live.margin)
+        frozen_part += f"; {_summary(anchor)}: " + (
+            "not worse beyond the margin" if anchored else f"worse beyond {live.margin:g}"
+        )
+        safe = safe and anchored
     verdict = "promoted" if better and safe else "kept the champion"
     return GateDecision(
         better and safe, f"{verdict} by the two-sided rule: {live_part}; {frozen_part}", "two-sided"
@@ -191,6 +201,7 @@ def register_candidate(
     comparison: Comparison,
     live: LiveEvidence | None = None,
     promote_to: str = CHAMPION,
+    anchor: Comparison | None = None,
 ) -> RegisterResult:
     """Log the adapter as a model, register it as `challenger`, and apply the gate: a version
     it promotes gets the alias `promote_to` (`champion`, or `canary` to be tried on live
@@ -221,12 +232,16 @@ def register_candidate(
     version = mlflow.register_model(info.model_uri, model_name, tags=tags)
     point(model_name, CHALLENGER, version.version)
 
-    gate = decide_promotion(comparison, live)
+    gate = decide_promotion(comparison, live, anchor)
     aliases = [CHALLENGER]
     if gate.promote:
         point(model_name, promote_to, version.version)
         aliases.append(promote_to)
-    evidence = {"frozen": comparison, **({"live": live.comparison} if live else {})}
+    evidence = {
+        "frozen": comparison,
+        **({"live": live.comparison} if live else {}),
+        **({"anchor": anchor} if anchor else {}),
+    }
     for key, value in {
         "gate.decision": "promoted" if gate.promote else "rejected",
         "gate.reason": gate.reason,
