@@ -178,7 +178,8 @@ def weights_alone(
     from flows.training_pipeline import training_pipeline
 
     config = load_profile(profile)
-    curated = curate(config, user_corrections(config, 0.0))
+    corrections = user_corrections(config, 0.0)
+    curated = curate(config, corrections.items, corrections.policy)
     started = time.perf_counter()
     summary = training_pipeline(profile=profile)
     seconds = round(time.perf_counter() - started)

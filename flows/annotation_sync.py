@@ -57,7 +57,8 @@ def annotation_sync(profile: str = "cpu-small", lookback_days: float = 30.0) -> 
     project = connect(config.review.project_title)
     pushed = push_candidates(project, config, since)
     items, verdicts = curated_items(project.reviews())
-    result = task(curate)(config, items + task(user_corrections)(config, since))
+    corrections = task(user_corrections)(config, since)
+    result = task(curate)(config, items + corrections.items, corrections.policy)
     remembered = task(remember_reviews)(config.memory, items)
     folder = curated_dir(config.data.feedback_dir)
     report = {

@@ -9,6 +9,7 @@ from prefect import flow, task
 
 from components.config import PipelineConfig
 from components.data.clean import CleanResult, clean
+from components.data.curated import trust_summary
 from components.data.ingest import IngestResult, ingest, load_frozen_test
 from components.data.live import LiveSet, build_live_set, with_variants
 from components.data.split import Continuing, SplitResult, split
@@ -29,6 +30,7 @@ class PreparedData:
     split: SplitResult
     live: LiveSet
     stop_path: str | None  # the recipe's early-stopping set, None when it has none
+    trust: dict[str, dict[str, int]]  # curated rows by admitting rule; refusals (trust_summary)
 
     def counts(self) -> dict[str, int]:
         return {
@@ -43,6 +45,11 @@ class PreparedData:
             "corrections_new": self.split.corrections_new,
             "corrections_replayed": self.split.corrections_replayed,
             "corrections_known": self.split.corrections_known,
+            **{
+                f"{side}.{rule}": n
+                for side, rules in self.trust.items()
+                for rule, n in rules.items()
+            },
         }
 
 
@@ -131,7 +138,8 @@ def data_prep(
     splits = recipe.split
     live = with_variants(config, live, recipe.held_out)
 
-    prepared = PreparedData(ingested, cleaned, splits, live, recipe.stop_path)
+    trust = trust_summary(curated_dir(config.data.feedback_dir))
+    prepared = PreparedData(ingested, cleaned, splits, live, recipe.stop_path, trust)
     run = RunLogger(run_id)
     run.metrics(
         {

@@ -90,10 +90,17 @@ def gather(config: PipelineConfig, state: MonitorState, url: str) -> Signals:
 @task
 def curate_feedback(config: PipelineConfig, since: float) -> dict[str, Any]:
     """Corrections users sent with `/feedback` join the curated data before a retrain."""
-    result = curate(config, user_corrections(config, since))
+    corrections = user_corrections(config, since)
+    result = curate(config, corrections.items, corrections.policy)
     folder = curated_dir(config.data.feedback_dir)
     total = sum(summary(folder).values())
-    return {"new": result.written, "skipped": result.skipped, "total": total, "folder": str(folder)}
+    return {
+        "new": result.written,
+        "skipped": result.skipped,
+        "policy": corrections.policy,
+        "total": total,
+        "folder": str(folder),
+    }
 
 
 @flow(name="monitor", log_prints=True)

@@ -10,6 +10,7 @@ import anyio
 from components.inference.records import InferenceRecord, StoreBusy, UnknownRequest
 from components.inference.store import InferenceStore
 from components.memory.store import CorrectionMemory, CorrectionRejected
+from components.memory.trust import REVIEWED, tally
 from service.api import ApiError, FeedbackRequest, FeedbackResponse
 from service.metrics import Metrics
 
@@ -54,8 +55,6 @@ class FeedbackDesk:
         """Offer a user's correction to the memory; says what became of it."""
         if self.memory is None:
             return "off: the memory is disabled"
-        if self.memory.config.trust != "feedback":
-            return "not served: the memory trusts reviewed corrections only (memory.trust)"
         if not served.prompt:
             return "not kept: the question was not logged (serve.log_prompts is off)"
         try:
@@ -75,11 +74,19 @@ class FeedbackDesk:
         if self.memory is None:
             return {"enabled": False, "served": [], "entries": []}
         families = self.memory.families()  # served entries: what tells each apart, siblings
+        stored = self.memory.entries()
         entries = [
-            {**e.to_dict(), "served": e.id in families, **families.get(e.id, {})}
-            for e in self.memory.entries()
+            {**e.to_dict(), "served": e.id in families, **families.get(e.id, {})} for e in stored
         ]
-        return {"enabled": True, "trust": self.memory.config.trust, "entries": entries}
+        # How the policy judged every correction sent, and the reviewed ones it holds
+        judged = self.memory.policy.judge_feedback(self.store.answers_since(0.0, rated=True))
+        decisions = [d for _, d in judged] + [REVIEWED for e in stored if e.source != "feedback"]
+        return {
+            "enabled": True,
+            "trust": self.memory.config.trust,
+            "policy": tally(decisions),
+            "entries": entries,
+        }
 
     def forget(self, entry_id: str) -> dict[str, Any]:
         if self.memory is None or not self.memory.set_status(entry_id, "deleted"):

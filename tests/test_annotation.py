@@ -142,14 +142,15 @@ def test_review_round_trip_through_label_studio(
 
 
 def test_curated_examples_are_ingested_as_feedback(tmp_path, monkeypatch):
-    from components.config import SourceConfig
+    from components.config import MemoryConfig, SourceConfig
     from components.data.curated import CuratedItem, write_curated
     from components.data.ingest import ingest
+    from components.memory.trust import TrustPolicy
 
     folder = tmp_path / "curated"
     item = CuratedItem(
         "r1", "How do I restart the worker?", "Run it again.", "feedback", "correction"
     )
-    write_curated([item], folder, [], 10)
+    write_curated([item], folder, [], 10, TrustPolicy(MemoryConfig(trust="feedback")))
     result = ingest([SourceConfig(path="data/seed/tickets.jsonl")], tmp_path / "out", str(folder))
     assert result.from_feedback == 1

@@ -328,6 +328,8 @@ def test_retrains_are_judged_on_the_live_set_and_never_train_on_held_out_items(
         trainable = [p for rid, p in asked if not held_out(rid, 0.5)]
         assert held and not any(p in trained for p in held)  # never, in any retrain
         assert any(p in trained for p in trainable)  # the users' own rephrasings are learned
+        card = mlflow_client().get_model_version("flywheel-llm-tiny", version).description
+        assert "by the trust rule that admitted them: memory_hit " in card
         live = list((folder / "data").glob("live-*.jsonl"))
         judged = [json.loads(line) for line in live[0].open()] if live else []
         assert any(item["instruction"] in held for item in judged)

@@ -2,10 +2,12 @@
 
 from pathlib import Path
 
+from components.config import MemoryConfig
 from components.data.curated import feedback_corrections, held_out
 from components.data.live import LiveSet, live_items, with_variants
 from components.inference.records import Answer
 from components.memory.store import MemoryEntry
+from components.memory.trust import TrustPolicy
 
 ENTRY = MemoryEntry(
     "mem-1",
@@ -65,7 +67,8 @@ def test_a_correction_on_a_held_out_rephrasing_is_not_trained_on() -> None:
         hit(kept, "mlflow port please?", rating="up", correction="Port 5077, as said."),
         hit("gen-wrong", "mlflow port now?", rating="down", correction="It moved to 5078."),
     ]
-    assert {i.request_id for i in feedback_corrections(answers, 0.5)} == {kept, "gen-wrong"}
+    judged = TrustPolicy(MemoryConfig(trust="feedback")).judge_feedback(answers)
+    assert {i.request_id for i in feedback_corrections(judged, 0.5)} == {kept, "gen-wrong"}
 
 
 def test_the_recipes_held_out_rewrites_join_the_live_set_under_a_new_hash(

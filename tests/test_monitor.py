@@ -240,9 +240,19 @@ def test_monitor_curates_user_corrections_before_a_retrain(home) -> None:
         store.add_feedback("b", "down")  # no correction: nothing to learn from
     reviewed_only = curate_feedback.fn(load_profile("tiny"), since=0.0)
     assert reviewed_only["new"] == 0 and reviewed_only["total"] == 0  # they wait for review
+    assert reviewed_only["policy"] == {"admitted": {}, "refused": {"reviewed_only": 1}}
     trusting = load_profile("tiny", ["memory.trust=feedback"])
     first = curate_feedback.fn(trusting, since=0.0)
-    assert first == {"new": 1, "skipped": {}, "total": 1, "folder": str(home / "curated")}
+    assert first == {
+        "new": 1,
+        "skipped": {},
+        "policy": {"admitted": {"agreement": 1}, "refused": {}},
+        "total": 1,
+        "folder": str(home / "curated"),
+    }
+    assert json.loads((home / "curated" / "policy.json").read_text()) == first["policy"]
+    [version] = (home / "curated").glob("0001-*.jsonl")
+    assert json.loads(version.read_text())["rule"] == "agreement"
     again = curate_feedback.fn(trusting, since=0.0)
     assert again["new"] == 0 and again["skipped"] == {"duplicate": 1} and again["total"] == 1
 

@@ -319,12 +319,16 @@ def test_the_memory_tells_siblings_apart(champion_home: Path, tmp_path: Path) ->
 
 
 def test_named_keys_are_the_clients_that_agree_and_are_limited(
-    champion_home: Path, tmp_path: Path
+    champion_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Through a real service with `FLYWHEEL_API_KEYS`: a forged bearer is refused; one key
     cannot agree with itself nor pass its hourly limit; a second key's correction makes the
-    agreement, and the feedback log says which key sent what."""
+    agreement, and the feedback log says which key sent what. Curation for training takes
+    what the memory took: the correction it refused is never curated."""
     import hashlib
+
+    from components.config import load_profile
+    from components.data.curated import user_corrections
 
     keys = {"alice": "alice-key-1", "bob": "bob-key-2"}
     key_file = tmp_path / "api-keys"
@@ -375,11 +379,14 @@ def test_named_keys_are_the_clients_that_agree_and_are_limited(
                 timeout=60,
             )
             assert refused.status_code == 401, refused.text
-        assert correct(keys["alice"], ask(keys["alice"])[1]).startswith("kept as mem-")
+        first = ask(keys["alice"])[1]
+        assert correct(keys["alice"], first).startswith("kept as mem-")
         assert ask(keys["alice"])[0] == "miss"  # one client does not agree with itself
         again = correct(keys["alice"], ask(keys["alice"])[1])
         assert again.startswith("not kept: this client sent 1 corrections"), again
-        assert correct(keys["bob"], ask(keys["bob"])[1]).startswith("kept as mem-")
+        agreeing = ask(keys["bob"])[1]
+        assert correct(keys["bob"], agreeing).startswith("kept as mem-")
+        kept = [first["request_id"], agreeing["request_id"]]
         status, answer = ask(keys["bob"])
         assert (status, answer["text"]) == ("hit", correction)
     finally:
@@ -387,3 +394,9 @@ def test_named_keys_are_the_clients_that_agree_and_are_limited(
     with InferenceStore(sqlite_uri_of(champion_home)) as store:
         senders = {f.client for f in store.feedback_since(0) if f.correction == correction}
     assert senders == {"key:alice", "key:bob"}
+    monkeypatch.setenv("FLYWHEEL_FEEDBACK_DB", sqlite_uri_of(champion_home))
+    monkeypatch.setenv("FLYWHEEL_SET", env["FLYWHEEL_SET"])
+    curated = user_corrections(load_profile("tiny"), 0.0)
+    assert curated.policy == {"admitted": {"agreement": 2}, "refused": {"rate_limited": 1}}
+    assert sorted(i.request_id for i in curated.items) == sorted(kept)
+    assert {i.rule for i in curated.items} == {"agreement"}

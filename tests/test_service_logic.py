@@ -536,10 +536,15 @@ def test_the_admin_lists_and_deletes_entries(client_for) -> None:
     from components.serving.auth import admin_key
 
     client = client_for(memory={"trust": "feedback"})
-    correct(client, FACT["q"], FACT["a"])
     admin = {"authorization": f"Bearer {admin_key()}"}
+    before = client.get("/admin/memory", headers=admin).json()["policy"]
+    correct(client, FACT["q"], FACT["a"])
     assert client.get("/admin/memory").status_code == 401
     listed = client.get("/admin/memory", headers=admin).json()
+    # How the one trust policy judged every correction sent, by rule
+    admitted = listed["policy"]["admitted"].get("agreement", 0)
+    assert admitted == before["admitted"].get("agreement", 0) + 1
+    assert listed["policy"]["refused"] == before["refused"]
     entries = [e for e in listed["entries"] if e["answer"] == FACT["a"]]
     assert entries and all(e["source"] == "feedback" and e["model_version"] == "1" for e in entries)
     assert all(e["request_id"].startswith("gen-") and e["accepted_at"] > 0 for e in entries)
@@ -575,7 +580,7 @@ def test_a_forged_bearer_is_not_another_client(client_for, monkeypatch) -> None:
 def test_a_reviewed_only_memory_ignores_user_corrections(client_for) -> None:
     client = client_for()  # the default policy: trust reviewed corrections only
     stored = correct(client, FACT["q"], FACT["a"])
-    assert stored["memory"].startswith("not served: the memory trusts reviewed corrections")
+    assert stored["memory"].startswith("not kept: the memory trusts reviewed corrections")
     assert ask(client, FACT["q"])[0] == "miss"
 
 

@@ -174,7 +174,7 @@ def curated_items(reviews: list[Review]) -> tuple[list[CuratedItem], Counter[str
         counts[verdict] += 1
         if verdict in ("approve", "correct"):
             answer = review.answer if verdict == "approve" else review.correction
-            items.append(CuratedItem.answering(review, answer, "label-studio", verdict))
+            items.append(CuratedItem.answering(review, answer, "label-studio", verdict, "reviewed"))
     return items, counts
 
 

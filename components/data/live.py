@@ -54,7 +54,9 @@ def live_items(entries: list[MemoryEntry], answers: list[Answer], fraction: floa
             held.append(Example(instruction=answer.prompt, output=entry.answer, origin="live"))
         else:
             trainable.append(
-                CuratedItem.answering(answer, entry.answer, "rephrasing", "memory-hit")
+                CuratedItem.answering(
+                    answer, entry.answer, "rephrasing", "memory-hit", "memory_hit"
+                )
             )
     return LiveItems(corrections, trainable, held)
 

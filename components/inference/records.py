@@ -46,6 +46,7 @@ class Answer(InferenceRecord):
     correction: str | None = None
     comment: str | None = None
     rated_at: float | None = None
+    rated_by: str | None = None  # the verified identity that rated it
 
 
 class UnknownRequest(KeyError):

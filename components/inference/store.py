@@ -181,7 +181,14 @@ class InferenceStore:
         clock = f.c.created_at if rated else i.c.created_at
         join = i.join if rated else i.outerjoin
         query = (
-            select(i, f.c.rating, f.c.correction, f.c.comment, f.c.created_at.label("rated_at"))
+            select(
+                i,
+                f.c.rating,
+                f.c.correction,
+                f.c.comment,
+                f.c.created_at.label("rated_at"),
+                f.c.client.label("rated_by"),
+            )
             .select_from(join(f, f.c.request_id == i.c.request_id))
             .where(clock >= since)
             .order_by(clock)

@@ -21,12 +21,10 @@ the record and never served.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,8 +39,9 @@ from components.memory.scope import (
     families,
     restates,
 )
+from components.memory.trust import Decision, Offer, TrustPolicy
 from components.model.embedding import sentence_embedder
-from components.text import normalize_text, scrub_pii
+from components.text import normalize_text
 
 Source = Literal["label-studio", "feedback"]
 RELOAD_EVERY_S = 1.0  # how stale a served memory may be after another process changed it
@@ -93,13 +92,11 @@ class _Index:
 
 
 class CorrectionRejected(ValueError):
-    """A correction the memory policy does not take (too long, rate-limited, empty)."""
+    """A correction the trust policy does not take (too long, rate-limited, empty...)."""
 
-
-def _key(question: str, answer: str) -> str:
-    """Same question and same correction, whatever the spacing and case."""
-    text = f"{' '.join(question.lower().split())}\n{' '.join(answer.lower().split())}"
-    return hashlib.sha256(text.encode()).hexdigest()
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.reason)
+        self.rule = decision.rule
 
 
 def _table(metadata: Any) -> Any:
@@ -133,6 +130,7 @@ class CorrectionMemory:
         from sqlalchemy import MetaData
 
         self.config = config
+        self.policy = TrustPolicy(config)
         self.engine = open_engine(url)
         metadata = MetaData()
         self.table = _table(metadata)
@@ -172,27 +170,16 @@ class CorrectionMemory:
         client: str = "",
         now: float | None = None,
     ) -> MemoryEntry:
-        """Store one accepted correction (scrubbed); `CorrectionRejected` if the policy says no."""
+        """Store one correction (scrubbed) the trust policy checks; `CorrectionRejected` if it
+        says no. Whether it is served also waits for agreement (`_load`)."""
         now = time.time() if now is None else now
-        pii: Counter[str] = Counter()
-        question = scrub_pii(normalize_text(question), pii)
-        answer = scrub_pii(normalize_text(answer), pii)
-        if not question or not answer:
-            raise CorrectionRejected("the question and the correction must not be empty")
-        if (known := self._entry_for(request_id, source, _key(question, answer))) is not None:
+        offer = Offer.of(question, answer, source, client, now)
+        question, answer = offer.question, offer.answer
+        if question and answer and (known := self._entry_for(request_id, source, offer.key)):
             return known  # the same correction of the same request, offered again
-        if len(answer) > self.config.max_correction_chars:
-            raise CorrectionRejected(
-                f"the correction is {len(answer)} characters; the memory takes at most "
-                f"{self.config.max_correction_chars}"
-            )
-        if source == "feedback" and self._sent_last_hour(client, now) >= (
-            self.config.corrections_per_client_per_hour
-        ):
-            raise CorrectionRejected(
-                f"this client sent {self.config.corrections_per_client_per_hour} corrections in "
-                "the last hour; the memory takes no more from it for now"
-            )
+        sent = self._sent_last_hour(client, now) if source == "feedback" else 0
+        if not (decision := self.policy.check(offer, sent)).admitted:
+            raise CorrectionRejected(decision)
         vectors = self.embedder.embed([question, answer])
         entry = MemoryEntry(
             id=f"mem-{uuid.uuid4().hex[:16]}",
@@ -211,7 +198,7 @@ class CorrectionMemory:
                 self.table.insert(),
                 {
                     **entry.to_dict(),
-                    "key": _key(question, answer),
+                    "key": offer.key,
                     "updated_at": now,
                     "embedding": _vector_json(vectors[0]),
                     "answer_embedding": _vector_json(vectors[1]),
@@ -372,9 +359,7 @@ class CorrectionMemory:
         for row in rows:
             if row["key"] in seen:
                 continue
-            reviewed = row["source"] == "label-studio"
-            agreed = len(clients[row["key"]]) >= self.config.min_agreement
-            if reviewed or (self.config.trust == "feedback" and agreed):
+            if self.policy.agreed(row["source"], len(clients[row["key"]])).admitted:
                 seen.add(row["key"])
                 served.append(_entry(row))
                 questions.append(json.loads(row["embedding"]))

@@ -66,6 +66,12 @@ def _sources(config: PipelineConfig) -> list[str]:
     return lines
 
 
+def _by_rule(counts: dict[str, int], side: str) -> str:
+    """`admitted` or `refused` corrections per trust rule (`components/memory/trust.py`)."""
+    rules = [f"{k.split('.', 1)[1]} {n}" for k, n in counts.items() if k.startswith(f"{side}.")]
+    return ", ".join(rules) or "none"
+
+
 def _anchor_line(anchor: Any, margin: float) -> list[str]:
     """How far the candidate is from the anchor (a Comparison, or None), the score no
     champion may fall below."""
@@ -111,6 +117,8 @@ def render_model_card(facts: CardFacts) -> str:
         f"on {counts.get('corrections_new', 0)} not learned before and "
         f"{counts.get('corrections_replayed', 0)} replayed of the "
         f"{counts.get('corrections_known', 0)} the weights it continues had learned",
+        f"- curated examples by the trust rule that admitted them: {_by_rule(counts, 'admitted')}"
+        f"; corrections refused at the latest curation: {_by_rule(counts, 'refused')}",
         f"- live set `{lineage.get('live_set_hash', 'none')[:16]}`: "
         f"{lineage.get('live_set_size', '0')} items",
         f"- data license: {DATA_LICENSE}",
