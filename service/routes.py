@@ -25,7 +25,7 @@ from components.inference.records import InferenceRecord
 from components.inference.store import InferenceStore
 from components.memory.store import CorrectionMemory
 from components.retrieval.index import DocsIndex
-from components.serving.protocol import GenerationInput, GenerationOutput
+from components.serving.protocol import GenerationInput, GenerationOutput, failed
 from components.serving.router import Router
 from components.text import scrub_pii
 from service.api import (
@@ -38,6 +38,7 @@ from service.api import (
     chat_chunk,
     chat_completion,
     completion_chunk,
+    error_body,
     finish_reason,
     sse,
     text_completion,
@@ -189,6 +190,7 @@ class Gateway:
                 trace_id=current_trace_id(),
                 route=plan.route,
                 route_similarity=plan.similarity,
+                error=out.error,
             )
         )
         version, endpoint = out.model_version, asking.kind
@@ -313,14 +315,31 @@ class Gateway:
         async def events() -> AsyncIterator[str]:
             text, last = first.text, first
             yield opening(first.text)
-            async for out in outputs:
-                if out.error:  # the generation failed after the stream began: end it cleanly
-                    log.warning("stream %s failed: %s", request_id, out.error)
-                    break
-                if out.text:
-                    text += out.text
-                    yield event(out.text)
-                last = out
+            failure: GenerationOutput | None = None
+            try:
+                async for out in outputs:
+                    if out.error:
+                        failure = out
+                        break
+                    if out.text:
+                        text += out.text
+                        yield event(out.text)
+                    last = out
+            except Exception as exc:  # the generator went away: the same as its error
+                failure = failed(f"the generation stopped: {exc}", "generation_failed")
+            if failure is not None:  # after the first byte: an error event, never "stop"
+                log.warning("stream %s failed: %s", request_id, failure.error)
+                yield sse(json.dumps(error_body(500, failure.error or "", code=failure.error_code)))
+                partial = GenerationOutput(
+                    text=text,
+                    prompt_tokens=last.prompt_tokens,
+                    completion_tokens=last.completion_tokens,
+                    model_version=first.model_version,
+                    model=first.model,
+                    error=failure.error,
+                )
+                self._record(asking, partial, plan)
+                return
             finish = "stop" if plan.fixed else finish_reason(last.completion_tokens, limit)
             yield event("", finish=finish)
             if req.include_usage:

@@ -159,6 +159,70 @@ def test_a_closed_engine_finishes_what_it_runs_and_takes_nothing_new(smollm2) ->
         other.generate([ask(tokenizer, "Say hi.", 8)])
 
 
+def kill(thread: threading.Thread) -> None:
+    """Raise SystemExit inside `thread`, as a crash nobody foresaw would end it."""
+    import ctypes
+
+    hit = ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread.ident), ctypes.py_object(SystemExit)
+    )
+    assert hit == 1
+
+
+def test_a_killed_scheduler_fails_what_it_held_and_all_after_at_once(smollm2) -> None:
+    from components.config import EngineConfig
+    from components.serving.engine import EngineStopped, OpenVINOEngine
+
+    engine, tokenizer = smollm2
+    other = OpenVINOEngine(Path(engine.model_dir), tokenizer, EngineConfig(name="openvino"))
+    pieces = other.stream(ask(tokenizer, "Write a long story about a lighthouse keeper.", 300))
+    next(pieces)  # it is running
+    kill(other._thread)
+    started = time.monotonic()
+    with pytest.raises(EngineStopped, match="scheduler stopped: SystemExit"):
+        for _ in pieces:
+            pass
+    with pytest.raises(EngineStopped, match="scheduler stopped"):
+        other.generate([ask(tokenizer, "Say hi.", 4)])
+    assert time.monotonic() - started < 10  # failed, not left waiting
+    assert other.failure is not None and "SystemExit" in other.failure
+    other.close()
+
+
+def test_a_killed_engine_is_not_ready_fails_fast_and_is_loaded_again(
+    champion_home, monkeypatch
+) -> None:
+    from components.config import load_profile
+    from components.serving.loading import default_model_uri
+    from components.serving.model import ServedModel
+    from components.serving.protocol import GenerationInput
+
+    monkeypatch.setenv("FLYWHEEL_HOME", str(champion_home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{champion_home / 'mlflow.db'}")
+    monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
+    config = load_profile("tiny", ["serve.engine.name=openvino", "serve.engine.weights=fp32"])
+    served = ServedModel.from_uri(default_model_uri(), warmup=False, config=config)
+    stopped = served.loaded
+    assert stopped is not None and stopped.engine.name == "openvino" and served.ready
+    pieces = served.stream(GenerationInput(text="hi", max_new_tokens=400))
+    assert next(pieces).error is None
+    kill(stopped.engine._thread)
+    *_, last = pieces
+    assert last.error_code == "generation_failed" and "scheduler stopped" in (last.error or "")
+    started = time.monotonic()
+    assert not served.ready  # /readyz says 503 from here, and the version is loading again
+    [refused] = served.generate([GenerationInput(text="hi", max_new_tokens=3)])
+    assert refused.error_code == "model_not_ready" and "loading it again" in (refused.error or "")
+    assert time.monotonic() - started < 2
+    deadline = time.monotonic() + 120
+    while not served.ready and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert served.ready and served.loaded is not stopped
+    [answer] = served.generate([GenerationInput(text="hi", max_new_tokens=3)])
+    assert answer.error is None and answer.completion_tokens == 3
+    served.unload()
+
+
 def test_without_an_exporter_the_service_serves_the_reference_and_says_why(
     champion_home, monkeypatch, tmp_path
 ) -> None:

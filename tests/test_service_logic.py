@@ -451,6 +451,58 @@ class UnreachableGenerator:
         self._fail()
 
 
+class BreakingGenerator(LocalGenerator):
+    """A generator whose stream breaks after two pieces: by an error output (the engine
+    stopped) or by going away (its process was killed)."""
+
+    def __init__(self, models, how: str) -> None:
+        super().__init__(models)
+        self.how = how
+
+    async def stream(self, item):
+        import aiohttp
+
+        from components.serving.protocol import failed
+
+        pieces = 0
+        async for line in super().stream(item):
+            if pieces == 2:
+                if self.how == "process gone":
+                    raise aiohttp.ServerDisconnectedError()
+                yield (
+                    failed("the engine's scheduler stopped", "generation_failed").model_dump_json()
+                    + "\n"
+                )
+                return
+            pieces += 1
+            yield line
+
+
+@pytest.mark.parametrize("how", ["error output", "process gone"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_stream_that_fails_midway_ends_with_an_error_event_and_is_logged_failed(
+    client_for, how, path
+) -> None:
+    client = client_for()
+    local = client.gateway.generator.generator
+    client.gateway.generator.generator = BreakingGenerator(local.fleet, how)
+    ask = {"messages": [{"role": "user", "content": "hi"}]}
+    if path == "/v1/completions":
+        ask = {"prompt": "hi"}
+    response = client.post(path, json={**ask, "max_tokens": 12, "stream": True})
+    assert response.status_code == 200  # the first piece was sent before it broke
+    events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e]
+    *pieces, last = [json.loads(e) for e in events]  # no [DONE]: the answer is not complete
+    assert set(last) == {"error"} and last["error"]["type"] == "server_error"
+    assert (
+        last["error"]["code"] in ("generation_failed", "unavailable") and last["error"]["message"]
+    )
+    assert len(pieces) == 2
+    assert all(p["choices"][0]["finish_reason"] is None for p in pieces)  # never "stop"
+    logged = client.gateway.store.get(response.headers["x-request-id"])
+    assert logged is not None and logged.error, logged
+
+
 @pytest.mark.parametrize(
     "path, body",
     [

@@ -26,6 +26,7 @@ class InferenceRecord:
     trace_id: str | None = None  # the request's OpenTelemetry trace (32 hex digits)
     route: str | None = None  # where the router sent it: champion, scope, a model's name, off
     route_similarity: float | None = None  # to the champion's nearest training prompt
+    error: str | None = None  # why the answer stopped short (a stream that failed midway)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ def tables(metadata: MetaData) -> tuple[Table, Table]:
         Column("trace_id", String(32)),
         Column("route", String(16)),
         Column("route_similarity", Float),
+        Column("error", Text),
     )
     feedback = Table(
         "feedback",

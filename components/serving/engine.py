@@ -5,7 +5,9 @@ Both take `GenerationRequest`s (templated prompt and its own settings) and give 
 whole (`generate`) or as text pieces (`stream`, whose return value is the generated token
 count). The transformers engine runs one batched `generate` call at a time; the OpenVINO
 engine runs one scheduler loop in its own thread, and a request joins the running batch at
-the next step and leaves it when its own limit or stop string is reached.
+the next step and leaves it when its own limit or stop string is reached. If that thread ever
+stops, the engine says why (`failure`), every request it held or is given fails at once with
+`EngineStopped`, and the served model restarts it (`components/serving/model.py`).
 """
 
 from __future__ import annotations
@@ -33,10 +35,15 @@ from components.model.generation import (
 log = logging.getLogger("flywheel.engine")
 
 
+class EngineStopped(RuntimeError):
+    """The engine cannot generate any more (its scheduler thread stopped)."""
+
+
 class Engine(Protocol):
     name: str
     runtime: str  # what makes the answers (engine and weights): part of the cache key
     memory_bytes: int  # what it holds: weights, and the KV cache it reserves
+    failure: str | None  # why it cannot generate any more; None while it can
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]: ...
 
@@ -50,6 +57,8 @@ class TransformersEngine:
     (concurrent calls on a CPU fight over the same cores and are slower together)."""
 
     name = "transformers"
+    # It runs in its callers' threads: it has no thread of its own that could stop.
+    failure: str | None = None
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
@@ -114,7 +123,8 @@ class OpenVINOEngine:
         self._next_id = 0
         self._closing = threading.Lock()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="openvino-engine", daemon=True)
+        self.failure: str | None = None
+        self._thread = threading.Thread(target=self._run, name="openvino-engine", daemon=True)
         self._thread.start()
 
     # -- the scheduler thread -------------------------------------------------------------
@@ -152,8 +162,32 @@ class OpenVINOEngine:
             except queue.Empty:
                 return arrived
 
-    def _loop(self) -> None:
+    def _run(self) -> None:
+        """The scheduler loop; if it ever ends by an error, fail what it held and all that
+        comes after, instead of leaving callers waiting."""
         running: dict[int, tuple[_Job, Any]] = {}
+        try:
+            self._loop(running)
+        except BaseException as exc:  # whatever it was, the thread ends here
+            why = f"the engine's scheduler stopped: {type(exc).__name__}: {exc}"
+            log.error("%s", why, exc_info=exc)
+            self._stopped(why, running)
+
+    def _stopped(self, why: str, running: dict[int, tuple[_Job, Any]]) -> None:
+        with self._closing:  # nothing is submitted from now on
+            self.failure, self._closed = why, True
+        error = EngineStopped(why)
+        for job, _ in running.values():
+            job.updates.put(error)
+        while True:
+            try:
+                waiting = self._arrivals.get_nowait()
+            except queue.Empty:
+                return
+            if waiting is not None:
+                waiting.updates.put(error)
+
+    def _loop(self, running: dict[int, tuple[_Job, Any]]) -> None:
         closing = False
         while True:
             for job in self._arrived(wait=not running and not closing):
@@ -197,13 +231,23 @@ class OpenVINOEngine:
     def _submit(self, request: GenerationRequest) -> _Job:
         job = _Job(request)
         with self._closing:
+            if self.failure is not None:
+                raise EngineStopped(self.failure)
             if self._closed:
                 raise RuntimeError("the engine was closed (the model was swapped)")
             self._arrivals.put(job)
         return job
 
     def _tokens(self, job: _Job) -> Generator[list[tuple[int, float]], None, None]:
-        while (update := job.updates.get()) is not None:
+        while True:
+            try:
+                update = job.updates.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():  # gone without a word: never wait for it
+                    raise EngineStopped(self.failure or "the engine's scheduler is gone") from None
+                continue
+            if update is None:
+                return
             if isinstance(update, BaseException):
                 raise update
             yield update

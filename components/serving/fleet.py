@@ -132,7 +132,7 @@ class ModelSet:
         rows = []
         for name, slot in list(self.slots.items()):
             loaded = slot.loaded
-            row: dict[str, Any] = {"name": name, "ready": loaded is not None}
+            row: dict[str, Any] = {"name": name, "ready": slot.ready}
             if loaded is not None:
                 row.update(
                     model_name=loaded.name,
@@ -140,8 +140,8 @@ class ModelSet:
                     engine=loaded.engine.name,
                     memory_gb=round(loaded.engine.memory_bytes / GB, 3),
                 )
-            else:
-                row["error"] = slot.error or "loading"
+            if not row["ready"]:
+                row["error"] = (loaded and loaded.engine.failure) or slot.error or "loading"
             rows.append(row)
         return rows
 

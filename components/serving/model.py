@@ -7,6 +7,7 @@ Kept free of BentoML so it can be tested in-process; service/ wraps it in BentoM
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Generator
 
 from components.config import PipelineConfig
@@ -28,7 +29,8 @@ log = logging.getLogger("flywheel.generator")
 class ServedModel:
     """One served model; `swap` loads and warms the next one before switching to it. Until a
     model is in, `ready` is False and every call answers `model_not_ready`, so the service can
-    say so at once instead of hanging."""
+    say so at once instead of hanging. If its engine stops (`Engine.failure`), the same holds
+    until the version is loaded again, which starts at once, in the background."""
 
     def __init__(
         self,
@@ -39,6 +41,8 @@ class ServedModel:
         self.warmup = warmup
         self.config = config or serving_profile()
         self._current: LoadedModel | None = None
+        self._uri: str | None = None  # where the current model was loaded from
+        self._restarting = threading.Lock()
         self.error: str | None = None
         self.cache = cache or ResponseCache.from_config(
             self.config.serve.cache, self.config.registry.model_name
@@ -67,7 +71,7 @@ class ServedModel:
 
     @property
     def ready(self) -> bool:
-        return self._current is not None
+        return not isinstance(self._serving(), GenerationOutput)
 
     @property
     def loaded(self) -> LoadedModel | None:
@@ -94,7 +98,7 @@ class ServedModel:
             loaded.engine.close()
             raise
         previous, self._current = self._current, loaded  # atomic for readers
-        self.error = None
+        self._uri, self.error = uri, None
         if previous is not None:
             previous.engine.close()  # once the requests it is running have finished
         return loaded
@@ -108,10 +112,31 @@ class ServedModel:
 
     def _serving(self) -> LoadedModel | GenerationOutput:
         """The model serving now, or the `model_not_ready` output that says why none is."""
-        if self._current is None:
+        current = self._current
+        if current is None:
             reason = self.error or "the model is still loading"
             return failed(f"the model is not ready: {reason}", "model_not_ready")
-        return self._current
+        if current.engine.failure is not None:
+            self._restart(current)
+            reason = f"{current.engine.failure}; loading it again"
+            return failed(f"the model is not ready: {reason}", "model_not_ready")
+        return current
+
+    def _restart(self, stopped: LoadedModel) -> None:
+        """Load the stopped model's version again, once, in the background."""
+        uri = self._uri
+        if uri is None or not self._restarting.acquire(blocking=False):
+            return
+
+        def reload() -> None:
+            try:
+                if self._current is stopped:  # not swapped meanwhile
+                    log.warning("restarting %s v%s: %s", stopped.name, stopped.version, uri)
+                    self.load(uri)
+            finally:
+                self._restarting.release()
+
+        threading.Thread(target=reload, name="engine-restart", daemon=True).start()
 
     def generate(self, inputs: list[GenerationInput]) -> list[GenerationOutput]:
         loaded = self._serving()
