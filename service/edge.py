@@ -24,6 +24,7 @@ from service.tracing import TRACE_HEADER, current_trace_id
 
 log = logging.getLogger("flywheel.service")
 RETRY_AFTER_S = 2  # what 429 and 503 answers ask clients to wait
+READY_PROBE_S = 3.0  # how long /readyz waits for the generator's own answer
 
 
 class CurrentVersion:
@@ -88,6 +89,9 @@ class ServiceEdge:
             if path in self.ALIASES:
                 path = self.ALIASES[path]
                 scope = {**scope, "path": path, "raw_path": path.encode()}
+            if path == "/readyz":
+                await self._ready(scope, receive, send)
+                return
             await self._call(scope, receive, send)
             return
         if Draining.active:
@@ -100,6 +104,23 @@ class ServiceEdge:
             return
         async with self.slots:
             await self._call(scope, receive, send)
+
+    async def _ready(self, scope: dict, receive: Any, send: Any) -> None:
+        """BentoML's readiness (the generator's, asked over its socket) within
+        `READY_PROBE_S`: a generator that does not answer (killed, coming back) is not ready,
+        and no probe is left waiting to hold up a shutdown."""
+        answered = False
+
+        async def send_marked(message: dict) -> None:
+            nonlocal answered
+            answered = True
+            await send(message)
+
+        with anyio.move_on_after(READY_PROBE_S):
+            await self._call(scope, receive, send_marked)
+        if not answered:
+            message = f"the generator did not answer its readiness probe within {READY_PROBE_S:g} s"
+            await _send_json(send, 503, error_body(503, message, code="not_ready"), [])
 
     async def _call(self, scope: dict, receive: Any, send: Any) -> None:
         held: dict[str, Any] = {}

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from components.inference.store import InferenceStore
-from components.serving.deploy import SHUTDOWN_TIMEOUT_S
+from components.serving.deploy import DRAIN_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
 from tests.conftest import ServedService, sqlite_uri
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -148,6 +148,64 @@ def test_sigterm_under_load_drains_within_the_bound_and_logs_every_answer(
     with InferenceStore(sqlite_uri_of(champion_home)) as store:
         missing = [rid for rid in answered if store.get(rid) is None]
     assert not missing, f"{len(missing)} of {len(answered)} answered requests were not logged"
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes under `pid`, with their command lines."""
+    import subprocess
+
+    rows = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    parent = {int(r.split()[0]): int(r.split()[1]) for r in rows}
+    args = {int(r.split()[0]): r.split(None, 2)[2] for r in rows}
+
+    def under(p: int) -> bool:
+        while p in parent and p != pid:
+            p = parent[p]
+        return p == pid
+
+    return {p: a for p, a in args.items() if p != pid and under(p)}
+
+
+def test_a_killed_generator_is_not_ready_promptly_and_sigterm_still_stops_the_service(
+    champion_home: Path, tmp_path: Path
+) -> None:
+    """Kill the generator process: while it comes back, /readyz answers 503 within its probe
+    bound and /generate fails fast; once it is back, SIGTERM to the service's main process
+    stops every process within the bound (no probe left waiting holds the drain up)."""
+    service = ServedService(champion_home, env={"BENTOML_HOME": str(tmp_path / "bentoml")})
+    try:
+        service.wait_ready()
+        url = service.url
+        [generator] = [
+            p for p, a in _children(service.process.pid).items() if "flywheel-generator" in a
+        ]
+        os.kill(generator, signal.SIGKILL)
+        statuses, deadline = [], time.monotonic() + 180
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            status = httpx.get(f"{url}/readyz", timeout=30).status_code
+            assert time.monotonic() - started < 10, "a readiness probe waited"
+            statuses.append(status)
+            if status == 200:
+                break
+            asked = time.monotonic()
+            answer = httpx.post(f"{url}/generate", json={"prompt": "hi"}, timeout=60)
+            assert answer.status_code in (200, 503) and time.monotonic() - asked < 30
+            time.sleep(0.5)
+        assert statuses[-1] == 200 and 503 in statuses, statuses
+        assert generator not in _children(service.process.pid)  # a new one serves
+        answer = httpx.post(f"{url}/generate", json={"prompt": "hi", "max_new_tokens": 3})
+        assert answer.status_code == 200, answer.text
+        signalled = time.monotonic()
+        service.process.send_signal(signal.SIGTERM)  # the main process only, as `kill` does
+        service.process.wait(timeout=SHUTDOWN_TIMEOUT_S + 30)
+        # Nothing in flight: it must not wait out the drain's timeout for a forgotten probe.
+        assert time.monotonic() - signalled < DRAIN_TIMEOUT_S
+        assert service.process.returncode == 0
+    finally:
+        service.stop()
 
 
 def sqlite_uri_of(home: Path) -> str:
