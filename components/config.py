@@ -287,6 +287,9 @@ class ServeConfig(StrictModel):
     max_prompt_chars: int = Field(default=16_000, gt=0)
     log_prompts: Literal["full", "redacted", "off"] = "full"
     warmup: bool = True
+    # How often each model served from a registry alias checks where the alias points; a
+    # move is followed: the version is loaded, checked and swapped in (0: never follow).
+    follow_s: float = Field(default=30.0, ge=0)
     deploy_on_promotion: bool = False
     # Proxies (addresses or networks) whose `X-Forwarded-For` names the client, when clients
     # have no keys; any other peer is the client itself.

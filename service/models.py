@@ -67,7 +67,8 @@ class ServedModels:
         model by its name; a request's `model` may be any of them."""
         cards = [model_card(self.model_name, CurrentVersion.value)]
         for row in await self.generator.models():
-            extra = {k: row[k] for k in ("ready", "engine", "memory_gb", "error") if k in row}
+            shown = ("ready", "engine", "memory_gb", "error", "refused")
+            extra = {k: row[k] for k in shown if k in row}
             cards.append(model_card(row["name"], row.get("version", ""), **extra))
         return {"object": "list", "data": [wire(card) for card in cards]}
 

@@ -219,3 +219,95 @@ def test_models_swap_roll_back_and_unload_by_name(fleet, champion_home) -> None:
         "champion",
     )
     assert reload("base", "general").status_code == 200  # back for whatever runs next
+
+
+@pytest.fixture
+def own_registry(champion_home, tmp_path, monkeypatch):
+    """A copy of the champion's home, whose registry a test may change."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(champion_home, home, ignore=shutil.ignore_patterns("service.log", "bentoml"))
+    monkeypatch.setenv("FLYWHEEL_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri(home))
+    monkeypatch.setenv("FLYWHEEL_PROFILE", "tiny")
+    return home
+
+
+def new_version(source: str | None = None) -> str:
+    """Register another version: version 1's weights, or what `source` holds."""
+    from components.registry.tracking import mlflow_client
+
+    client = mlflow_client()
+    first = client.get_model_version("flywheel-llm-tiny", "1")
+    version = client.create_model_version("flywheel-llm-tiny", source or first.source, first.run_id)
+    return str(version.version)
+
+
+def test_a_replica_follows_the_alias_and_refuses_a_version_that_fails(
+    own_registry, tmp_path
+) -> None:
+    from components.config import load_profile
+    from components.registry.aliases import CHAMPION, point
+    from components.registry.tracking import mlflow_client
+    from components.serving.fleet import ModelSet
+    from components.serving.protocol import GenerationInput
+
+    models = ModelSet(load_profile("tiny"), warmup=False)
+    models.load("champion", "@champion")
+    assert models.catch_up() == {}  # the alias has not moved
+
+    def answered_by() -> str:
+        [out] = models.generate([GenerationInput(text="hi", max_new_tokens=2)])
+        assert out.error is None, out.error
+        return out.model_version
+
+    second = new_version()
+    point("flywheel-llm-tiny", CHAMPION, second)
+    assert models.catch_up() == {"champion": f"serves v{second}"}
+    assert answered_by() == second
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "MLmodel").write_text("not a model\n")
+    third = new_version(str(broken))
+    point("flywheel-llm-tiny", CHAMPION, third)
+    outcome = models.catch_up()["champion"]
+    assert outcome.startswith(f"refused v{third}"), outcome
+    assert answered_by() == second  # the previous version stays
+    [row] = models.listing()
+    assert row["ready"] and row["refused"]["version"] == third
+    tags = mlflow_client().get_model_version("flywheel-llm-tiny", third).tags
+    assert tags["serve.refused"] == row["refused"]["reason"]
+    assert models.catch_up() == {}  # not tried again while the alias stays there
+
+    point("flywheel-llm-tiny", CHAMPION, "1")  # rolled back, by a person in the MLflow UI
+    assert models.catch_up() == {"champion": "serves v1"}
+    assert answered_by() == "1" and "refused" not in models.listing()[0]
+
+
+@pytest.mark.e2e
+def test_a_running_service_serves_the_version_the_alias_moves_to(own_registry) -> None:
+    from components.registry.aliases import CHAMPION, point
+
+    service = ServedService(own_registry, env={"FLYWHEEL_SET": "serve.follow_s=1"})
+    try:
+        service.wait_ready()
+
+        def version() -> str:
+            body = {"prompt": "hi", "max_new_tokens": 2}
+            answer = httpx.post(f"{service.url}/generate", json=body, timeout=60)
+            assert answer.status_code == 200, answer.text
+            return answer.headers["x-model-version"]
+
+        assert version() == "1"
+        second = new_version()
+        point("flywheel-llm-tiny", CHAMPION, second)  # nobody calls the service
+        moved = time.monotonic()
+        while version() != second:
+            assert time.monotonic() - moved < 60, service.log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        listed = httpx.get(f"{service.url}/v1/models", timeout=30).json()["data"]
+        assert next(m for m in listed if m["id"] == "champion")["version"] == second
+    finally:
+        service.stop()

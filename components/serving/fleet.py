@@ -8,6 +8,13 @@ champion while it is not serving); without one it goes to the champion, or,
 for the canary's share of users, to the canary: the same user (or conversation) id always lands
 on the same side. Each model swaps on its own (`load`), and any but the champion can be
 unloaded.
+
+The registry is the source of truth: every `serve.follow_s` seconds each model served from an
+alias (`@champion`, `@canary`, `models:/name@alias`) is checked against where the alias points
+now, and a move is followed (`catch_up`): the version is loaded, passes the memory budget and
+a smoke generation, and is swapped in. A version that fails is not served: the previous one
+stays, `listing` and the version's tag `serve.refused` say why, and it is not tried again
+until the alias points elsewhere. A canary alias that is gone stops being served.
 """
 
 from __future__ import annotations
@@ -16,14 +23,21 @@ import hashlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Generator
 from typing import Any
 
 from components.config import PipelineConfig
 from components.registry.aliases import CANARY, CHAMPION, version_at
+from components.registry.tracking import mlflow_client
 from components.serving.cache import ResponseCache
-from components.serving.loading import LoadedModel, default_model_uri
-from components.serving.model import ServedModel
+from components.serving.loading import (
+    LoadedModel,
+    ModelNotFound,
+    default_model_uri,
+    resolve_model_uri,
+)
+from components.serving.model import ServedModel, run_inputs
 from components.serving.protocol import GenerationInput, GenerationOutput, failed
 
 log = logging.getLogger("flywheel.generator")
@@ -36,6 +50,10 @@ class BudgetExceeded(RuntimeError):
 
 class CannotUnload(ValueError):
     """The champion is swapped, never unloaded; or the name is not served."""
+
+
+class SmokeFailed(RuntimeError):
+    """A loaded version could not answer one short question."""
 
 
 def to_canary(user: str | None, share: float) -> bool:
@@ -52,6 +70,7 @@ class ModelSet:
         self.config, self.warmup = config, warmup
         self.cache = ResponseCache.from_config(config.serve.cache, config.registry.model_name)
         self.slots: dict[str, ServedModel] = {}
+        self.refused: dict[str, tuple[str, str]] = {}  # name -> (version, why), while named
         self._loading = threading.Lock()  # one load at a time, so the budget sees every model
 
     def sources(self) -> dict[str, str]:
@@ -78,19 +97,80 @@ class ModelSet:
                         log.info("no canary in the registry: none is served")
                         continue
                     models.slots[name].load(uri, models._admission(name))
+            models.follow()
 
         threading.Thread(target=load_all, name="model-load", daemon=True).start()
         return models
+
+    def follow(self) -> None:
+        """Check the registry every `serve.follow_s` seconds, in a thread (`catch_up`)."""
+        interval = self.config.serve.follow_s
+        if not interval:
+            return
+
+        def follow_forever() -> None:
+            while True:
+                time.sleep(interval)
+                try:
+                    self.catch_up()
+                except Exception:  # the registry unreachable, say: try again next time
+                    log.exception("following the registry failed")
+
+        threading.Thread(target=follow_forever, name="registry-follow", daemon=True).start()
+
+    def catch_up(self) -> dict[str, str]:
+        """Serve the version each alias names now; says what became of each move."""
+        done = {}
+        for name, uri in self.sources().items():
+            if "@" not in uri:
+                continue  # a pinned version, or the base model: nothing to follow
+            slot = self.slots.get(name)
+            served = slot.loaded if slot is not None else None
+            try:
+                registered, version = resolve_model_uri(uri, self.config)
+            except ModelNotFound:
+                if name == CANARY and slot is not None:
+                    self.unload(name)
+                    done[name] = "the canary alias is gone: no longer served"
+                continue
+            if served is not None and (served.name, served.version) == (registered, version):
+                continue
+            if self.refused.get(name, ("", ""))[0] == version:
+                continue
+            done[name] = self._follow(name, registered, version)
+        return done
+
+    def _follow(self, name: str, registered: str, version: str) -> str:
+        try:
+            self.load(name, f"models:/{registered}/{version}", smoke=True)
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"[:500]
+            self.refused[name] = (version, why)
+            log.error("not serving %s v%s as %s: %s", registered, version, name, why)
+            _tag_refused(registered, version, why)
+            return f"refused v{version}: {why}"
+        self.refused.pop(name, None)
+        log.info("following the registry: %s v%s serves as %s", registered, version, name)
+        return f"serves v{version}"
 
     @property
     def ready(self) -> bool:
         return self.slots[CHAMPION].ready
 
-    def _admission(self, name: str) -> Any:
+    def _admission(self, name: str, smoke: bool = False) -> Any:
         """The check a model loaded as `name` must pass: all served models, with it in the
-        place of what `name` serves now, within the memory budget."""
+        place of what `name` serves now, within the memory budget; with `smoke`, one short
+        answer without an error."""
 
         def admit(loaded: LoadedModel) -> None:
+            if smoke:
+                hello = GenerationInput(
+                    messages=[{"role": "user", "content": "How do I run the tests?"}],
+                    max_new_tokens=4,
+                )
+                [answer] = run_inputs(loaded, [hello])
+                if answer.error or not answer.completion_tokens:
+                    raise SmokeFailed(f"the smoke generation failed: {answer.error or 'empty'}")
             budget = self.config.serve.memory_budget_gb
             if budget is None:
                 return
@@ -110,11 +190,11 @@ class ModelSet:
 
         return admit
 
-    def load(self, name: str, uri: str) -> LoadedModel:
+    def load(self, name: str, uri: str, smoke: bool = False) -> LoadedModel:
         """Serve `uri` as `name`: a new model, or a swap of the one `name` serves."""
         with self._loading:
             slot = self.slots.get(name) or ServedModel(self.warmup, self.config, self.cache)
-            loaded = slot.swap(uri, self._admission(name))
+            loaded = slot.swap(uri, self._admission(name, smoke))
             self.slots[name] = slot
             return loaded
 
@@ -142,6 +222,9 @@ class ModelSet:
                 )
             if not row["ready"]:
                 row["error"] = (loaded and loaded.engine.failure) or slot.error or "loading"
+            if name in self.refused:
+                version, why = self.refused[name]
+                row["refused"] = {"version": version, "reason": why}
             rows.append(row)
         return rows
 
@@ -213,3 +296,11 @@ class ModelSet:
             return picked
         name, slot = picked
         return slot.count_tokens(item, answer).model_copy(update={"model": name})
+
+
+def _tag_refused(model_name: str, version: str, why: str) -> None:
+    """Say on the version, in the registry, why a replica did not serve it."""
+    try:
+        mlflow_client().set_model_version_tag(model_name, version, "serve.refused", why)
+    except Exception as exc:  # the replica keeps serving; the log has it
+        log.warning("could not tag %s v%s: %s", model_name, version, exc)
