@@ -68,6 +68,8 @@ class CleanConfig(StrictModel):
     minhash_permutations: int = Field(default=128, ge=16)
     shingle_words: int = Field(default=5, ge=1)
     decontam_ngram: int = Field(default=10, ge=3)
+    # examples this likely toxic or profane are dropped (components/content.py); None: keep all
+    max_profanity: float | None = Field(default=0.9, gt=0.0, le=1.0)
 
 
 class ModelConfig(StrictModel):
@@ -373,6 +375,8 @@ class MemoryConfig(StrictModel):
     min_agreement: int = Field(default=1, ge=1)
     max_correction_chars: int = Field(default=2000, gt=0)
     corrections_per_client_per_hour: int = Field(default=30, gt=0)
+    # corrections this likely toxic or profane are refused (components/content.py); None: off
+    max_profanity: float | None = Field(default=0.9, gt=0.0, le=1.0)
     embedding_model: str = "all-minilm-l6-v2"  # built in, or a local sentence-embedding folder
 
 

@@ -88,6 +88,8 @@ def test_clean_runs_every_filter_and_reports(tmp_path: Path, tokenizer) -> None:
         ),  # near duplicate
         ex("Write a long answer", "word " * 400),  # too long
         ex("My email is bob@example.org, why does ingest fail?", "Look at the quarantine file."),
+        ex("Why is the worker down?", "Because you are a fucking idiot who broke it."),  # toxic
+        ex("How do I kill a stuck worker?", "Kill its process with SIGKILL, then restart it."),
     ]
     config = CleanConfig(max_tokens=200, near_dup_threshold=0.6)
     result = clean(
@@ -95,6 +97,7 @@ def test_clean_runs_every_filter_and_reports(tmp_path: Path, tokenizer) -> None:
     )
 
     assert result.removed == {
+        "profane": 1,
         "too_short": 1,
         "low_letter_ratio": 1,
         "exact_duplicate": 2,
@@ -103,10 +106,10 @@ def test_clean_runs_every_filter_and_reports(tmp_path: Path, tokenizer) -> None:
         "too_long": 1,
     }
     assert list(result.removed) == list(FILTERS)
-    assert result.kept == 3
+    assert result.kept == 4  # "kill" and "stuck" in a technical answer are not toxic
     assert result.pii["email"] == 1
     kept = read_jsonl(Path(result.examples_path))
-    assert "[EMAIL]" in kept[-1]["instruction"]
+    assert "[EMAIL]" in kept[-2]["instruction"] and "SIGKILL" in kept[-1]["output"]
     dropped = read_jsonl(Path(result.dropped_path))
     assert len(dropped) == sum(result.removed.values())  # nothing disappears unaccounted
     assert {row["filter"] for row in dropped} == set(FILTERS)

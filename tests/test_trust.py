@@ -101,3 +101,14 @@ def test_curation_applies_the_size_rule_to_reviews_too_and_records_the_rule(tmp_
     assert (result.written, result.skipped) == (2, {"too_long": 1})
     rows = read_jsonl(tmp_path / "0001-feedback-label-studio.jsonl")
     assert [(r["request_id"], r["rule"]) for r in rows] == [("r1", "reviewed"), ("r3", "agreement")]
+
+
+def test_a_toxic_correction_is_refused_by_the_content_rule_and_a_blunt_one_is_not() -> None:
+    offers = [
+        feedback("key:alice", 0.0, answer="Whoever asks this is a fucking moron."),
+        feedback("key:bob", 1.0, answer="Kill the stuck worker's process, then restart it."),
+    ]
+    judged = policy().judge(offers)
+    assert [d.rule for d in judged] == ["profane", "agreement"]
+    assert "memory.max_profanity" in judged[0].reason
+    assert [d.rule for d in policy(max_profanity=None).judge(offers)] == ["agreement"] * 2

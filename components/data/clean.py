@@ -1,4 +1,5 @@
-"""Clean: normalise, scrub PII, filter, deduplicate (exact and near) and decontaminate.
+"""Clean: normalise, scrub PII, filter (toxic and profane text too), deduplicate (exact and
+near) and decontaminate.
 
 Every removed example is written to `dropped.jsonl` with the filter that removed it, and the
 report counts removals per filter and PII replacements per kind.
@@ -13,12 +14,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from components.config import CleanConfig
+from components.content import profanity
 from components.records import Example, content_hash, save_examples, write_jsonl
 from components.text import Decontaminator, ngrams, normalize_text, scrub_pii, word_list
 
 _TEXT_FIELDS = ("system", "instruction", "input", "output")
 # Filters in the order they run; the report lists removals under these names.
 FILTERS = (
+    "profane",
     "too_short",
     "low_letter_ratio",
     "exact_duplicate",
@@ -98,14 +101,21 @@ def clean(
         config.near_dup_threshold, config.minhash_permutations, config.shingle_words
     )
     contaminated = Decontaminator(test_examples, config.decontam_ngram)
+    limit = config.max_profanity
+    scores = profanity([_full_text(e) for e in examples]) if limit is not None else []
 
-    for example in examples:
+    for i, example in enumerate(examples):
         fields = {name: normalize_text(getattr(example, name)) for name in _TEXT_FIELDS}
         if config.scrub_pii:
             fields = {name: scrub_pii(value, pii) for name, value in fields.items()}
         cleaned = replace(example, **fields)
-        reason = _first_failing_filter(
-            cleaned, config, seen_exact, near, contaminated, count_tokens
+        profane = limit is not None and scores[i] >= limit
+        reason = (
+            "profane"
+            if profane
+            else _first_failing_filter(
+                cleaned, config, seen_exact, near, contaminated, count_tokens
+            )
         )
         if reason:
             removed[reason] += 1

@@ -7,7 +7,8 @@ Each decision names the rule that made it:
 - admitted: `reviewed` (approved or made in Label Studio), `agreement` (sent by
   `min_agreement` different clients, under `trust: feedback`);
 - refused: `reviewed_only` (a `/feedback` correction under `trust: reviewed`), `empty`,
-  `too_long` (over `max_correction_chars`), `rate_limited` (over
+  `too_long` (over `max_correction_chars`), `profane` (toxic or profane by the offline
+  classifier, at `max_profanity` or over), `rate_limited` (over
   `corrections_per_client_per_hour` for its client), `awaiting_agreement` (fewer clients than
   `min_agreement` sent it so far).
 
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from components.config import MemoryConfig
+from components.content import profanity
 from components.inference.records import Answer
 from components.text import normalize_text, question_key, scrub_pii
 
@@ -100,6 +102,15 @@ class TrustPolicy:
                 f"the correction is {len(answer)} characters; the memory takes at most "
                 f"{config.max_correction_chars}",
             )
+        if config.max_profanity is not None:
+            [score] = profanity([f"{offer.question}\n{answer}"])
+            if score >= config.max_profanity:
+                return Decision(
+                    False,
+                    "profane",
+                    f"the correction reads as toxic or profane ({score:.2f}, "
+                    f"memory.max_profanity is {config.max_profanity:g})",
+                )
         if offer.source != "feedback":
             return REVIEWED
         if config.trust != "feedback":
