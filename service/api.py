@@ -17,11 +17,12 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletio
 from openai.types.chat.chat_completion import Choice as ChatChoice
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from components.config import MODEL_NAME
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 8  # `n`: how many answers one whole (not streamed) completion may ask for
 
 
 class ApiError(Exception):
@@ -157,7 +158,14 @@ class OpenAIBody(SamplingFields):
     user: UserId = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+
+    @field_validator("n")
+    @classmethod
+    def _whole_for_several(cls, n: int, info: ValidationInfo) -> int:
+        if n > 1 and info.data.get("stream"):
+            raise ValueError("several choices (n > 1) are answered whole: ask without stream")
+        return n
 
     @property
     def include_usage(self) -> bool:
@@ -193,8 +201,12 @@ def wire(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json", exclude_unset=True)
 
 
+# A choice: its text, how many tokens it took, and why it ended
+Answered = tuple[str, int, Literal["length", "stop"]]
+
+
 def chat_completion(
-    request_id: str, model: str, text: str, prompt_tokens: int, completion_tokens: int, limit: int
+    request_id: str, model: str, answers: list[Answered], prompt_tokens: int
 ) -> ChatCompletion:
     return ChatCompletion(
         id=request_id,
@@ -203,18 +215,19 @@ def chat_completion(
         model=model,
         choices=[
             ChatChoice(
-                index=0,
+                index=i,
                 message=ChatCompletionMessage(role="assistant", content=text),
-                finish_reason=finish_reason(completion_tokens, limit),
+                finish_reason=finish,
                 logprobs=None,
             )
+            for i, (text, _, finish) in enumerate(answers)
         ],
-        usage=_usage(prompt_tokens, completion_tokens),
+        usage=_usage(prompt_tokens, sum(tokens for _, tokens, _ in answers)),
     )
 
 
 def text_completion(
-    request_id: str, model: str, text: str, prompt_tokens: int, completion_tokens: int, limit: int
+    request_id: str, model: str, answers: list[Answered], prompt_tokens: int
 ) -> Completion:
     return Completion(
         id=request_id,
@@ -222,14 +235,10 @@ def text_completion(
         created=int(time.time()),
         model=model,
         choices=[
-            CompletionChoice(
-                index=0,
-                text=text,
-                logprobs=None,
-                finish_reason=finish_reason(completion_tokens, limit),
-            )
+            CompletionChoice(index=i, text=text, logprobs=None, finish_reason=finish)
+            for i, (text, _, finish) in enumerate(answers)
         ],
-        usage=_usage(prompt_tokens, completion_tokens),
+        usage=_usage(prompt_tokens, sum(tokens for _, tokens, _ in answers)),
     )
 
 

@@ -14,9 +14,10 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import anyio
 from fastapi.responses import JSONResponse, StreamingResponse
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 
@@ -29,6 +30,7 @@ from components.serving.protocol import GenerationInput, GenerationOutput, faile
 from components.serving.router import Router
 from components.text import scrub_pii
 from service.api import (
+    Answered,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -255,17 +257,37 @@ class Gateway:
         plan = await self.planner.plan(asking.item, asking.question, asked)
         if req.stream:
             return await self._stream(asking, plan, req)
-        out = await self._answer(plan)
-        self._record(asking, out, plan)
+        outs = await self._answers(plan, req.n)
+        for i, out in enumerate(outs):  # each choice is logged; the first under the request's id
+            choice = asking if i == 0 else replace(asking, request_id=f"{asking.request_id}-{i}")
+            self._record(choice, out, plan)
         build = chat_completion if asking.kind == "chat" else text_completion
-        model = req.model or self.model_name
         limit = asking.item.max_new_tokens
+        answers: list[Answered] = [
+            # a correction is a whole answer, whatever its length
+            (
+                o.text,
+                o.completion_tokens,
+                "stop" if plan.fixed else finish_reason(o.completion_tokens, limit),
+            )
+            for o in outs
+        ]
         reply = build(
-            asking.request_id, model, out.text, out.prompt_tokens, out.completion_tokens, limit
+            asking.request_id, req.model or self.model_name, answers, outs[0].prompt_tokens
         )
-        if plan.fixed is not None:  # a correction is a whole answer, whatever its length
-            reply.choices[0].finish_reason = "stop"
-        return JSONResponse({**wire(reply), **plan.sources()}, headers=plan.headers(out))
+        return JSONResponse({**wire(reply), **plan.sources()}, headers=plan.headers(outs[0]))
+
+    async def _answers(self, plan: Plan, n: int) -> list[GenerationOutput]:
+        """`n` answers to the plan, generated side by side (each joins the engine's batch)."""
+        outs: list[GenerationOutput | None] = [None] * n
+
+        async def answer(i: int) -> None:
+            outs[i] = await self._answer(plan)
+
+        async with anyio.create_task_group() as group:
+            for i in range(n):
+                group.start_soon(answer, i)
+        return [out for out in outs if out is not None]
 
     async def _fixed_outputs(
         self, item: GenerationInput, answer: str

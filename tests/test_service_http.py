@@ -272,7 +272,7 @@ def _openai_fields(kind: str) -> list[str]:
 # What the service honours, with a value each; every other field of OpenAI's schema is refused.
 _BOTH = {
     "max_tokens": 2,
-    "n": 1,
+    "n": 2,
     "stop": ["\n\n"],
     "stream": False,
     "stream_options": {"include_usage": True},
@@ -311,6 +311,31 @@ def test_every_openai_field_is_honoured_or_refused_by_name(served, kind, field) 
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert (error["param"], error["code"]) == (field, "unsupported_parameter")
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_n_asks_for_several_whole_answers_each_logged(served, champion_home, kind) -> None:
+    from openai import BadRequestError, OpenAI
+
+    from components.inference.store import InferenceStore
+
+    client = OpenAI(base_url=f"{served.url}/v1", api_key="unused")
+    model = httpx.get(f"{served.url}/v1/models").json()["data"][0]["id"]
+    ask = client.chat.completions.create if kind == "chat" else client.completions.create
+    body = (
+        {"messages": [{"role": "user", "content": "Say hi"}]}
+        if kind == "chat"
+        else {"prompt": "Say hi"}
+    )
+    reply = ask(model=model, n=2, max_tokens=3, temperature=0.9, **body)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert reply.usage.completion_tokens == 6  # the tiny model never ends a turn early
+    with InferenceStore(f"sqlite:///{champion_home / 'feedback.db'}") as store:
+        logged = [store.get(reply.id), store.get(f"{reply.id}-1")]
+    assert all(record is not None and record.completion_tokens == 3 for record in logged)
+    with pytest.raises(BadRequestError) as refused:
+        ask(model=model, n=2, stream=True, max_tokens=3, **body)
+    assert refused.value.body["param"] == "n"
 
 
 def test_content_parts_developer_and_name_reach_the_model(served, champion_home) -> None:
