@@ -351,6 +351,10 @@ class MonitorConfig(StrictModel):
     memory_corrections_to_retrain: int | None = Field(default=10, gt=0)
     # Where the flows push retrain outcomes and decisions (FLYWHEEL_PUSHGATEWAY_URL overrides)
     pushgateway_url: str | None = None
+    # Several replicas: the fleet's metrics, summed over every target of the scrape job
+    # `prometheus_job`, are read from this Prometheus instead of one service's /metrics.
+    prometheus_url: str | None = None
+    prometheus_job: str = "flywheel"
 
 
 class MemoryConfig(StrictModel):

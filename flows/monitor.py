@@ -30,7 +30,7 @@ from components.inference.store import InferenceStore
 from components.monitor.decision import Signals, assess, next_state
 from components.monitor.lock import lock_is_held
 from components.monitor.pushed import report_decision
-from components.monitor.scrape import Scrape, ScrapeError, scrape
+from components.monitor.scrape import Scrape, ScrapeError, scrape, scrape_fleet
 from components.monitor.signals import corrections_waiting, reference_prompts, routing_domain
 from components.monitor.state import MonitorState
 from components.paths import curated_dir, monitor_dir
@@ -54,7 +54,12 @@ def state_path(config: PipelineConfig) -> Path:
 
 
 @task(retries=2, retry_delay_seconds=[2, 5])
-def read_metrics(url: str) -> Scrape:
+def read_metrics(config: PipelineConfig, url: str) -> Scrape:
+    """The fleet's metrics from Prometheus (every replica, summed) when the profile names one
+    (`monitor.prometheus_url`), else the one service's."""
+    monitor = config.monitor
+    if monitor.prometheus_url:
+        return scrape_fleet(monitor.prometheus_url, monitor.prometheus_job)
     return scrape(url)
 
 
@@ -64,7 +69,7 @@ def gather(config: PipelineConfig, state: MonitorState, url: str) -> Signals:
     since = state.last_run_at or now - config.monitor.interval_minutes * 60
     current, unreachable = None, None
     try:
-        current = read_metrics(url)
+        current = read_metrics(config, url)
     except ScrapeError as exc:
         unreachable = str(exc)
     with InferenceStore() as store:

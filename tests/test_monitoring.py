@@ -115,6 +115,12 @@ def test_every_alert_and_panel_has_data_from_a_real_service(
                 "honor_labels": True,
                 "static_configs": [{"targets": [f"127.0.0.1:{push_port}"]}],
             },
+            {  # the same service as two replicas, for the monitor's view of a fleet
+                "job_name": "flywheel-fleet",
+                "static_configs": [
+                    {"targets": [f"127.0.0.1:{served.port}", f"localhost:{served.port}"]}
+                ],
+            },
         ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -171,6 +177,23 @@ def test_every_alert_and_panel_has_data_from_a_real_service(
             empty = {name: q for name, q in empty.items() if not query(prometheus, q)}
             time.sleep(1)
         assert not empty, f"no data for: {json.dumps(empty, indent=1)}"
+        # The monitor reads a fleet from Prometheus: every replica's counters, summed.
+        from components.monitor.scrape import scrape
+        from flows.monitor import read_metrics
+
+        fleet_profile = load_profile(
+            "tiny",
+            [f"monitor.prometheus_url={prometheus}", "monitor.prometheus_job=flywheel-fleet"],
+        )
+        one = scrape(served.url)
+        deadline = time.monotonic() + 30
+        while (fleet := read_metrics.fn(fleet_profile, "http://nowhere.invalid")).requests != (
+            2 * one.requests
+        ):
+            assert time.monotonic() < deadline, (fleet, one)
+            time.sleep(1)
+        assert one.requests >= 5 and fleet.generated_tokens == 2 * one.generated_tokens
+        assert fleet.latency_buckets[-1][1] == 2 * one.latency_buckets[-1][1]
         # and no query leans on a metric the service does not export (`or vector(0)` would
         # hide a misspelled numerator)
         names = httpx.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10).json()

@@ -1,4 +1,9 @@
-"""Reading the service's `/metrics`: cumulative counters, deltas between scrapes, quantiles."""
+"""Reading the service's metrics: cumulative counters, deltas between scrapes, quantiles.
+
+From one service's `/metrics`, or, for several replicas, from Prometheus: its `/federate`
+endpoint gives the latest sample of every series of the service's scrape job, one per
+replica, and the same sums then cover the whole fleet.
+"""
 
 from __future__ import annotations
 
@@ -94,6 +99,21 @@ def scrape(url: str, timeout: float = 10.0) -> Scrape:
         response.raise_for_status()
     except httpx.HTTPError as exc:
         raise ScrapeError(f"cannot read {url}/metrics: {exc}") from exc
+    return parse_metrics(response.text, time.time())
+
+
+def scrape_fleet(prometheus_url: str, job: str, timeout: float = 10.0) -> Scrape:
+    """Read every replica's latest metrics as Prometheus scraped them (job `job`), summed."""
+    import httpx
+
+    url = f"{prometheus_url.rstrip('/')}/federate"
+    try:
+        response = httpx.get(url, params={"match[]": f'{{job="{job}"}}'}, timeout=timeout)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise ScrapeError(f"cannot read the fleet's metrics from {url}: {exc}") from exc
+    if not response.text.strip():
+        raise ScrapeError(f"Prometheus at {prometheus_url} has no series of the job {job!r}")
     return parse_metrics(response.text, time.time())
 
 
