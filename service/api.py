@@ -75,6 +75,8 @@ class SamplingFields(Body):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: Stop = Field(default_factory=list)
+    # sampling from the same seed gives the same answer (with the same model and settings)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
 
 
 # Which served model answers (GET /v1/models lists them); left out, the router chooses.

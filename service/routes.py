@@ -158,6 +158,7 @@ class Gateway:
             temperature=req.temperature,
             top_p=req.top_p,
             stop=req.stop,
+            seed=req.seed,
             # The registered model's name lets the router (and the canary) choose; the
             # generator answers 404 for a name it does not serve.
             model=None if req.model in (None, self.model_name) else req.model,

@@ -273,6 +273,7 @@ def _openai_fields(kind: str) -> list[str]:
 _BOTH = {
     "max_tokens": 2,
     "n": 2,
+    "seed": 7,
     "stop": ["\n\n"],
     "stream": False,
     "stream_options": {"include_usage": True},
@@ -336,6 +337,29 @@ def test_n_asks_for_several_whole_answers_each_logged(served, champion_home, kin
     with pytest.raises(BadRequestError) as refused:
         ask(model=model, n=2, stream=True, max_tokens=3, **body)
     assert refused.value.body["param"] == "n"
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/chat/completions", "/v1/completions"])
+def test_a_seed_draws_the_same_sampled_answer_again(served, path) -> None:
+    ask = {
+        "/generate": {"prompt": "Name a colour", "max_new_tokens": 12},
+        "/v1/chat/completions": {
+            "messages": [{"role": "user", "content": "Name a colour"}],
+            "max_tokens": 12,
+        },
+        "/v1/completions": {"prompt": "Name a colour", "max_tokens": 12},
+    }[path]
+
+    def text(seed: int) -> str:
+        body = {**ask, "temperature": 1.5, "seed": seed}
+        response = httpx.post(f"{served.url}{path}", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        reply = response.json()
+        return reply["text"] if "text" in reply else str(reply["choices"][0])
+
+    first = text(11)
+    assert text(11) == first  # the same draws
+    assert len({text(seed) for seed in range(12, 16)} | {first}) > 1  # other seeds, other draws
 
 
 def test_content_parts_developer_and_name_reach_the_model(served, champion_home) -> None:

@@ -49,6 +49,7 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    seed: int | None = None  # a sampled request with a seed draws the same answer every time
 
 
 # Below this temperature sampling is greedy decoding in all but name, and dividing the logits
@@ -88,6 +89,7 @@ def group_requests(
 
     A group shares sampling settings, and its largest `max_new_tokens` is at most `max_ratio`
     times its smallest: a 16-token request never waits for a 256-token one in the same call.
+    A sampled request with a seed is a group of its own, so its draws are its seed's alone.
     """
     order = sorted(
         range(len(requests)),
@@ -96,16 +98,34 @@ def group_requests(
     groups: list[list[int]] = []
     for i in order:
         r = requests[i]
-        if groups:
+        if groups and not seeded(r):
             first = requests[groups[-1][0]]
-            if (first.temperature, first.top_p) == (
-                r.temperature,
-                r.top_p,
-            ) and r.max_new_tokens <= max_ratio * first.max_new_tokens:
+            if (
+                not seeded(first)
+                and (first.temperature, first.top_p)
+                == (
+                    r.temperature,
+                    r.top_p,
+                )
+                and r.max_new_tokens <= max_ratio * first.max_new_tokens
+            ):
                 groups[-1].append(i)
                 continue
         groups.append([i])
     return groups
+
+
+def seeded(request: GenerationRequest) -> bool:
+    """Whether the request samples from its own seed."""
+    return request.seed is not None and not is_greedy(request.temperature, request.top_p)
+
+
+def seed_sampling(request: GenerationRequest) -> None:
+    """Seed the sampler for this request alone (the caller holds the one-call-at-a-time lock)."""
+    if seeded(request):
+        import torch
+
+        torch.manual_seed(int(request.seed or 0) % 2**63)
 
 
 def _row_limits(tokenizer: Any, requests: Sequence[GenerationRequest], prompt_len: int) -> Any:
@@ -195,6 +215,7 @@ def _generate_group(
     sampling = sampling_args(first.temperature, first.top_p)
     prompt_len = batch["input_ids"].shape[1]
     logprobs = TokenLogProbs()
+    seed_sampling(first)
     output = model.generate(
         **batch,
         max_new_tokens=max(r.max_new_tokens for r in requests),
@@ -291,6 +312,7 @@ def stream_request(
         try:
             with lock or nullcontext():
                 if not cancelled.is_set():
+                    seed_sampling(request)
                     model.generate(
                         **batch,
                         max_new_tokens=request.max_new_tokens,

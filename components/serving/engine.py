@@ -137,6 +137,8 @@ class OpenVINOEngine:
             config.do_sample = True
             config.temperature = request.temperature
             config.top_p = request.top_p
+            if request.seed is not None:  # this request's sampler starts from its seed
+                config.rng_seed = request.seed % 2**63
         if request.stop:
             config.stop_strings = set(request.stop)
             config.include_stop_str_in_output = False

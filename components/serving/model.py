@@ -222,6 +222,7 @@ def _request(prompt: str, item: GenerationInput) -> GenerationRequest:
         temperature=item.temperature,
         top_p=item.top_p,
         stop=tuple(item.stop),
+        seed=item.seed,
     )
 
 

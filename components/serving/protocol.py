@@ -26,6 +26,7 @@ class GenerationInput(BaseModel):
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = []
+    seed: int | None = None
 
 
 class GenerationOutput(BaseModel):
