@@ -280,14 +280,19 @@ class Gateway:
 
     async def _answers(self, plan: Plan, n: int) -> list[GenerationOutput]:
         """`n` answers to the plan, generated side by side (each joins the engine's batch)."""
+        if n == 1:
+            return [await self._answer(plan)]
         outs: list[GenerationOutput | None] = [None] * n
 
         async def answer(i: int) -> None:
             outs[i] = await self._answer(plan)
 
-        async with anyio.create_task_group() as group:
-            for i in range(n):
-                group.start_soon(answer, i)
+        try:
+            async with anyio.create_task_group() as group:
+                for i in range(n):
+                    group.start_soon(answer, i)
+        except* ApiError as failed_choices:  # one answer for all: the first error, as it is
+            raise failed_choices.exceptions[0] from None
         return [out for out in outs if out is not None]
 
     async def _fixed_outputs(

@@ -186,7 +186,8 @@ BAD_REQUESTS = [
         422,
         "max_tokens",
     ),
-    ("/v1/completions", b'{"prompt": "x", "n": 3}', 422, "n"),
+    ("/v1/completions", b'{"prompt": "x", "n": 9}', 422, "n"),
+    ("/v1/completions", b'{"prompt": "x", "n": 2, "stream": true}', 422, "n"),
     ("/feedback", b'{"request_id": "x", "rating": "meh"}', 422, "rating"),
     # Wrong types in optional fields, on every route that has them.
     ("/generate", b'{"prompt": "hi", "stop": 5}', 422, "stop"),
@@ -316,7 +317,7 @@ def test_every_openai_field_is_honoured_or_refused_by_name(served, kind, field) 
 
 @pytest.mark.parametrize("kind", ["chat", "completion"])
 def test_n_asks_for_several_whole_answers_each_logged(served, champion_home, kind) -> None:
-    from openai import BadRequestError, OpenAI
+    from openai import OpenAI, UnprocessableEntityError
 
     from components.inference.store import InferenceStore
 
@@ -334,7 +335,7 @@ def test_n_asks_for_several_whole_answers_each_logged(served, champion_home, kin
     with InferenceStore(f"sqlite:///{champion_home / 'feedback.db'}") as store:
         logged = [store.get(reply.id), store.get(f"{reply.id}-1")]
     assert all(record is not None and record.completion_tokens == 3 for record in logged)
-    with pytest.raises(BadRequestError) as refused:
+    with pytest.raises(UnprocessableEntityError) as refused:  # several choices come whole
         ask(model=model, n=2, stream=True, max_tokens=3, **body)
     assert refused.value.body["param"] == "n"
 
