@@ -148,6 +148,7 @@ class CountingEngine:
 
     def __init__(self, engine) -> None:
         self.engine, self.name, self.runtime = engine, engine.name, engine.runtime
+        self.failure = None
         self.generated: list[str] = []
 
     def generate(self, requests):
