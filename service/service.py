@@ -20,6 +20,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import bentoml
+
+# BentoML's batching resolves its lazy types (PIL.Image among them) on a worker's first batch;
+# imported here, before the model loads in another thread, a request that arrives during the
+# load never meets a half-imported module (a 500 after the generator restarts).
+import PIL.Image  # noqa: F401
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
