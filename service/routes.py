@@ -358,28 +358,20 @@ class Gateway:
             if failure is not None:  # after the first byte: an error event, never "stop"
                 log.warning("stream %s failed: %s", request_id, failure.error)
                 yield sse(json.dumps(error_body(500, failure.error or "", code=failure.error_code)))
-                partial = GenerationOutput(
-                    text=text,
-                    prompt_tokens=last.prompt_tokens,
-                    completion_tokens=last.completion_tokens,
-                    model_version=first.model_version,
-                    model=first.model,
-                    error=failure.error,
-                )
-                self._record(asking, partial, plan)
-                return
-            finish = "stop" if plan.fixed else finish_reason(last.completion_tokens, limit)
-            yield event("", finish=finish)
-            if req.include_usage:
-                counts = (last.prompt_tokens, last.completion_tokens)
-                yield sse(usage_chunk(kind, request_id, model, created, *counts))
-            yield sse("[DONE]")
-            final = GenerationOutput(
+            else:
+                finish = "stop" if plan.fixed else finish_reason(last.completion_tokens, limit)
+                yield event("", finish=finish)
+                if req.include_usage:
+                    counts = (last.prompt_tokens, last.completion_tokens)
+                    yield sse(usage_chunk(kind, request_id, model, created, *counts))
+                yield sse("[DONE]")
+            final = GenerationOutput(  # what was sent, and why it stopped short if it did
                 text=text,
                 prompt_tokens=last.prompt_tokens,
                 completion_tokens=last.completion_tokens,
                 model_version=first.model_version,
                 model=first.model,
+                error=failure.error if failure is not None else None,
             )
             self._record(asking, final, plan)
 
